@@ -1,0 +1,240 @@
+"""Networks used throughout the book, in two parameterisations.
+
+``parameterization="ntk"`` is the NTK parameterisation of Jacot, Gabriel & Hongler (2018), the same
+convention as neural-tangents' ``stax.Dense(parameterization="ntk")``: a dense layer with fan-in
+:math:`d` computes
+
+.. math::
+
+    z = \\frac{\\sigma_w}{\\sqrt{d}} W a + \\sigma_b b, \\qquad W_{ij}, b_i \\sim \\mathcal N(0, 1),
+
+with :math:`W` and :math:`b` the trainable parameters (no bias parameter when :math:`\\sigma_b = 0`).
+``parameterization="standard"`` is PyTorch's ``nn.Linear`` with its own initialisation,
+:math:`W_{ij}, b_i \\sim \\mathcal U(-1/\\sqrt{d}, 1/\\sqrt{d})`.
+
+Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+Parameterization = Literal["ntk", "standard"]
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "erf": lambda: _Erf(),
+    "identity": nn.Identity,
+}
+
+
+class _Erf(nn.Module):
+    """The error function as a module, so ``mlp(..., activation="erf")`` can be built."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.erf(x)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def _check_std(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite non-negative float, got {value}")
+    return float(value)
+
+
+def _check_generator(generator: object) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+class NTKLinear(nn.Module):
+    """A dense layer in the NTK parameterisation.
+
+    Maps ``a`` of shape ``(..., in_features)`` to ``(..., out_features)`` by
+    :math:`z = (\\sigma_w/\\sqrt{d_{in}})\\, a W^\\top + \\sigma_b b` with ``weight`` of shape
+    ``(out_features, in_features)`` and ``bias`` of shape ``(out_features,)`` drawn from
+    :math:`\\mathcal N(0, 1)`. ``bias`` is ``None`` when ``bias_std == 0``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        weight_std: float = 1.0,
+        bias_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_positive_int("in_features", in_features)
+        self.out_features = _check_positive_int("out_features", out_features)
+        self.weight_std = _check_std("weight_std", weight_std)
+        self.bias_std = _check_std("bias_std", bias_std)
+        generator = _check_generator(generator)
+        self.weight = nn.Parameter(torch.randn(out_features, in_features, generator=generator))
+        if self.bias_std > 0:
+            self.bias: nn.Parameter | None = nn.Parameter(torch.randn(out_features, generator=generator))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def weight_scale(self) -> float:
+        """The factor :math:`\\sigma_w / \\sqrt{d_{in}}` that multiplies ``a @ weight.T``."""
+        return self.weight_std / math.sqrt(self.in_features)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        z = self.weight_scale * (a @ self.weight.T)
+        if self.bias is not None:
+            z = z + self.bias_std * self.bias
+        return z
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weight_std={self.weight_std}, bias_std={self.bias_std}"
+        )
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    *,
+    parameterization: Parameterization = "ntk",
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """One dense layer in the requested parameterisation.
+
+    ``"ntk"`` returns an :class:`NTKLinear`. ``"standard"`` returns ``nn.Linear(in_features,
+    out_features)`` initialised as PyTorch does (uniform on :math:`\\pm 1/\\sqrt{d_{in}}` for the
+    weight and the bias) but from ``generator``; ``weight_std`` and ``bias_std`` do not apply to it
+    and must keep their defaults.
+    """
+    if parameterization == "ntk":
+        return NTKLinear(
+            in_features, out_features, weight_std=weight_std, bias_std=bias_std, generator=generator
+        )
+    if parameterization != "standard":
+        raise ValueError(f"parameterization must be 'ntk' or 'standard', got {parameterization!r}")
+    if weight_std != 1.0 or bias_std != 0.0:
+        raise ValueError(
+            "weight_std and bias_std set the NTK parameterisation; with parameterization='standard' "
+            f"leave them at 1.0 and 0.0 (got weight_std={weight_std}, bias_std={bias_std})"
+        )
+    _check_positive_int("in_features", in_features)
+    _check_positive_int("out_features", out_features)
+    generator = _check_generator(generator)
+    layer = nn.Linear(in_features, out_features)
+    bound = 1.0 / math.sqrt(in_features)
+    with torch.no_grad():
+        # nn.Linear's own reset_parameters draws from the global RNG; redraw from `generator`.
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        layer.bias.uniform_(-bound, bound, generator=generator)
+    return layer
+
+
+class TwoLayerNet(nn.Module):
+    """One hidden ReLU layer: :math:`f(x) = V\\,\\mathrm{relu}(W x)`, shape ``(n, d) -> (n, k)``.
+
+    The network of chapter 1 (:doc:`/chapters/01_loop_ntk`). Layers are ``hidden`` and ``readout``;
+    see :func:`dense` for the two parameterisations.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int = 1,
+        *,
+        parameterization: Parameterization = "ntk",
+        weight_std: float = 1.0,
+        bias_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs = dict(
+            parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator
+        )
+        self.hidden = dense(input_dim, hidden_dim, **kwargs)
+        self.readout = dense(hidden_dim, output_dim, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(torch.relu(self.hidden(x)))
+
+
+class HadamardNet(nn.Module):
+    """A hidden layer that is the Hadamard product of two ReLU branches.
+
+    :math:`f(x) = V\\,[\\mathrm{relu}(W_1 x) \\odot \\mathrm{relu}(W_2 x)]`, shape ``(n, d) -> (n, k)``,
+    the building block of polynomial nets. Layers are ``branch1``, ``branch2`` and ``readout``;
+    see :func:`dense` for the two parameterisations.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int = 1,
+        *,
+        parameterization: Parameterization = "ntk",
+        weight_std: float = 1.0,
+        bias_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs = dict(
+            parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator
+        )
+        self.branch1 = dense(input_dim, hidden_dim, **kwargs)
+        self.branch2 = dense(input_dim, hidden_dim, **kwargs)
+        self.readout = dense(hidden_dim, output_dim, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(torch.relu(self.branch1(x)) * torch.relu(self.branch2(x)))
+
+
+def mlp(
+    input_dim: int,
+    width: int,
+    depth: int,
+    output_dim: int = 1,
+    *,
+    parameterization: Parameterization = "ntk",
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+    activation: str = "relu",
+    generator: torch.Generator | None = None,
+) -> nn.Sequential:
+    """A fully connected network with ``depth`` hidden layers of ``width`` units.
+
+    ``input_dim -> width -> ... -> width -> output_dim`` with ``activation`` after every hidden layer
+    and a linear readout; maps ``(n, input_dim)`` to ``(n, output_dim)``. Every layer, readout
+    included, uses the same ``parameterization``, ``weight_std`` and ``bias_std`` (see :func:`dense`).
+        """
+    _check_positive_int("depth", depth)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    kwargs = dict(parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator)
+    layers: list[nn.Module] = []
+    fan_in = input_dim
+    for _ in range(depth):
+        layers += [dense(fan_in, width, **kwargs), _ACTIVATIONS[activation]()]
+        fan_in = width
+    layers.append(dense(fan_in, output_dim, **kwargs))
+    return nn.Sequential(*layers)
