@@ -23,6 +23,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+#: The two parameterisations every network takes, ``"ntk"`` (Jacot et al.) or ``"standard"`` (PyTorch).
 Parameterization = Literal["ntk", "standard"]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {

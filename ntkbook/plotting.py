@@ -14,6 +14,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.image import AxesImage
 
+#: The matplotlib ``rcParams`` that :func:`set_style` applies: one look for every figure.
 STYLE: dict[str, object] = {
     "figure.figsize": (6.4, 4.2),
     "figure.dpi": 110,
