@@ -1,7 +1,8 @@
 """ntkbook: Neural Tangent Kernels in PyTorch, the helper package of the ntkbook executable book.
 
 Modules: :mod:`ntkbook.models` (networks in the NTK and standard parameterisations),
-:mod:`ntkbook.ntk` (empirical NTKs) and :mod:`ntkbook.plotting` (the book's figure style).
+:mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.training` (gradient descent, linearised models and
+NTK predictions) and :mod:`ntkbook.plotting` (the book's figure style).
 """
 
 from __future__ import annotations
@@ -10,17 +11,25 @@ import torch
 
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
 from ntkbook.ntk import empirical_ntk
+from ntkbook.training import DivergenceError, centered, critical_lr, linearize, ntk_predict, scaled, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DivergenceError",
     "HadamardNet",
     "NTKLinear",
     "TwoLayerNet",
+    "centered",
+    "critical_lr",
     "default_device",
     "dense",
     "empirical_ntk",
+    "linearize",
     "mlp",
+    "ntk_predict",
+    "scaled",
+    "train",
 ]
 
 

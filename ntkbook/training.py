@@ -1,0 +1,449 @@
+"""Full-batch gradient descent, linearised models, and the closed-form NTK prediction of training.
+
+Everything here shares one loss. For a model :math:`f(\\cdot;\\theta)` with ``n`` training pairs
+:math:`(x_i, y_i)` and a scale :math:`\\alpha > 0`,
+
+.. math::
+
+    L(\\theta) = \\frac{1}{\\alpha^2}\\,\\frac{1}{n}\\sum_{i=1}^{n} \\big(f(x_i;\\theta) - y_i\\big)^2,
+
+the mean squared error divided by :math:`\\alpha^2` as in Chizat, Oyallon & Bach (2019), and gradient
+descent takes :math:`\\theta_{t+1} = \\theta_t - \\eta\\, \\nabla L(\\theta_t)` with learning rate
+:math:`\\eta` (``lr``). For the linearisation of Lee et al. (2019) the residuals
+:math:`r_t = f_t(X) - Y` then obey :math:`r_{t+1} = (I - \\tfrac{2\\eta}{n\\alpha^2}\\Theta)\\, r_t` exactly,
+which :func:`ntk_predict` evaluates in closed form.
+
+Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from ntkbook.ntk import empirical_ntk
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+
+class DivergenceError(FloatingPointError, ValueError):
+    """Gradient descent produced a NaN or infinite loss; usually the learning rate is too large.
+
+    ``step`` is the first step whose loss is not finite and ``history`` holds the steps before it.
+    It is a :class:`ValueError` too, because the cure is a different ``lr`` argument.
+    """
+
+    def __init__(self, message: str, step: int, history: "History") -> None:
+        super().__init__(message)
+        self.step = step
+        self.history = history
+
+
+@dataclass
+class History:
+    """What :func:`train` records, one entry per step ``t = 0, ..., steps`` (``t = 0`` is the initialisation).
+
+    - ``loss``: ``(steps + 1,)`` float64, the plain mean squared error :math:`\\frac1n\\sum_i (f(x_i;\\theta_t) - y_i)^2`
+      (not divided by :math:`\\alpha^2`, so runs with different ``alpha`` compare directly).
+    - ``relative_change``: ``(steps + 1,)`` float64, :math:`\\lVert\\theta_t - \\theta_0\\rVert / \\lVert\\theta_0\\rVert`
+      over all trainable parameters flattened into one vector.
+    - ``initial_norm``: :math:`\\lVert\\theta_0\\rVert`, so ``relative_change * initial_norm`` is the distance travelled.
+    - ``ntk``: ``{step: kernel}``, empirical NTKs ``(n, n)`` on the training inputs, when ``ntk_every`` was set.
+    """
+
+    loss: torch.Tensor
+    relative_change: torch.Tensor
+    initial_norm: float
+    ntk: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _check_positive_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value}")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def _check_model(model: object) -> list[nn.Parameter]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameters with requires_grad=True, so there is nothing to train")
+    return params
+
+
+def _check_tensor(name: str, value: object, reference: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != reference.dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but the model's parameters are {reference.dtype}")
+    if value.device != reference.device:
+        raise ValueError(f"{name} is on {value.device} but the model's parameters are on {reference.device}")
+    if value.ndim < 1 or value.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch of shape (n, ...), got shape {tuple(value.shape)}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return value
+
+
+def _targets_like(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` reshaped to the model's output shape, refusing shapes that would silently broadcast."""
+    if y.shape[0] != out.shape[0] or y.numel() != out.numel():
+        raise ValueError(
+            f"y of shape {tuple(y.shape)} does not match model(x) of shape {tuple(out.shape)}: "
+            "expected one target per output (the same shape, or (n,) for outputs of shape (n, 1))"
+        )
+    return y.reshape(out.shape)
+
+
+def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    alpha: float = 1.0,
+    ntk_every: int | None = None,
+    progress: bool = True,
+) -> History:
+    """Full-batch gradient descent on :math:`L = \\mathrm{MSE}/\\alpha^2`, updating ``model`` in place.
+
+    Takes ``steps`` steps :math:`\\theta \\leftarrow \\theta - \\mathrm{lr}\\, \\nabla_\\theta L` on every
+    parameter with ``requires_grad`` (plain gradient descent: no momentum, no weight decay).
+
+    Args:
+        model: maps ``x`` of shape ``(n, ...)`` to outputs with one entry per target.
+        x: inputs ``(n, ...)``, the model's dtype and device.
+        y: targets, the shape of ``model(x)``, or ``(n,)`` for outputs ``(n, 1)``.
+        steps: number of gradient steps, >= 1.
+        lr: learning rate, > 0.
+        alpha: the output scale of Chizat et al. (2019); the loss is divided by ``alpha**2``. Pass the
+            same ``alpha`` that :func:`scaled` multiplies the model by.
+        ntk_every: record the empirical NTK on ``x`` at step 0, every ``ntk_every`` steps and at the end.
+        progress: show a ``tqdm.auto`` progress bar.
+
+    Returns:
+        A :class:`History` of the loss and the relative parameter change at steps ``0..steps``.
+
+    Raises:
+        DivergenceError: the loss became NaN or infinite; it names the step and suggests a smaller ``lr``.
+    """
+    params = _check_model(model)
+    x = _check_tensor("x", x, params[0])
+    y = _check_tensor("y", y, params[0])
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
+    steps = _check_positive_int("steps", steps)
+    lr = _check_positive_number("lr", lr)
+    alpha = _check_positive_number("alpha", alpha)
+    if ntk_every is not None:
+        ntk_every = _check_positive_int("ntk_every", ntk_every)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+
+    theta0 = _flat(params)
+    initial_norm = float(torch.linalg.vector_norm(theta0))
+    losses: list[float] = []
+    changes: list[float] = []
+    kernels: dict[int, torch.Tensor] = {}
+    bar = _progress_bar(steps, lr) if progress else None
+    for step in range(steps + 1):
+        if ntk_every is not None and (step % ntk_every == 0 or step == steps):
+            kernels[step] = empirical_ntk(model, x)
+        out = model(x)
+        target = _targets_like(out, y)
+        mse = ((out - target) ** 2).mean()
+        if not torch.isfinite(mse):
+            history = History(torch.tensor(losses, dtype=torch.float64),
+                              torch.tensor(changes, dtype=torch.float64), initial_norm, kernels)
+            if bar is not None:
+                bar.close()
+            raise DivergenceError(
+                f"the loss became {float(mse.detach())} at step {step} of {steps} with lr={lr:g}: gradient descent "
+                f"diverged; try a smaller learning rate, e.g. lr={lr / 10:g}",
+                step,
+                history,
+            )
+        losses.append(float(mse.detach()))
+        changes.append(float(torch.linalg.vector_norm(_flat(params) - theta0)) / initial_norm)
+        if step == steps:
+            break
+        grads = torch.autograd.grad(mse / alpha**2, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.sub_(lr * g)
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.3g}", refresh=False)
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return History(torch.tensor(losses, dtype=torch.float64), torch.tensor(changes, dtype=torch.float64),
+                   initial_norm, kernels)
+
+
+def _progress_bar(steps: int, lr: float) -> tqdm:
+    """A ``tqdm.auto`` bar that vanishes when done, imported only when asked for.
+
+    Importing ``tqdm.auto`` inside a Jupyter kernel without ipywidgets warns and falls back to a text
+    bar; importing it lazily keeps that warning out of runs (and built pages) that never show a bar.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=f"gradient descent (lr={lr:g})", leave=False)
+
+
+def _parameter(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor at dotted ``name``, read as an attribute: inside :func:`torch.func.functional_call`
+    it is the substituted plain tensor, which ``get_parameter`` would reject."""
+    prefix, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(prefix), leaf)
+
+
+class Linearized(nn.Module):
+    """The first-order Taylor expansion of a model around its parameters at construction.
+
+    :math:`f_{\\mathrm{lin}}(x;\\theta) = f(x;\\theta_0) + J(x;\\theta_0)\\,(\\theta - \\theta_0)`, computed
+    in one forward-mode pass by :func:`torch.func.jvp` (the Jacobian :math:`J` is never formed), so
+    one call costs about two forward passes of the network. The trainable parameters :math:`\\theta`
+    live in ``self.module``, a copy of the model started at :math:`\\theta_0`; :math:`\\theta_0` is kept
+    in buffers. Lee et al. (2019).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        _check_model(model)
+        self.module = copy.deepcopy(model)
+        self._names = [name for name, p in self.module.named_parameters() if p.requires_grad]
+        for i, name in enumerate(self._names):
+            self.register_buffer(f"theta0_{i}", _parameter(self.module, name).detach().clone())
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """:math:`\\theta_0`, by parameter name of ``self.module``."""
+        return {name: getattr(self, f"theta0_{i}") for i, name in enumerate(self._names)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        theta0 = self.initial_parameters()
+        delta = {name: _parameter(self.module, name) - theta0[name] for name in self._names}
+        out0, tangent = jvp(lambda theta: functional_call(self.module, theta, (x,)), (theta0,), (delta,))
+        return out0 + tangent
+
+
+class Centered(nn.Module):
+    """:math:`f(x;\\theta) - f(x;\\theta_0)`: a model minus its own output at initialisation.
+
+    Wraps ``model`` (its parameters are shared, so training this module trains ``model``) and keeps
+    :math:`\\theta_0` in buffers. The output starts at exactly zero, so scaling it by :math:`\\alpha`
+    (:class:`Scaled`) changes the speed of training but not the initial function; the NTK is
+    unchanged, because :math:`f(x;\\theta_0)` does not depend on :math:`\\theta`. Chizat et al. (2019).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        _check_model(model)
+        self.module = model
+        self._names = [name for name, p in model.named_parameters() if p.requires_grad]
+        for i, name in enumerate(self._names):
+            self.register_buffer(f"theta0_{i}", _parameter(model, name).detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        theta0 = {name: getattr(self, f"theta0_{i}") for i, name in enumerate(self._names)}
+        with torch.no_grad():
+            initial = functional_call(self.module, theta0, (x,))
+        return self.module(x) - initial
+
+
+class Scaled(nn.Module):
+    """:math:`\\alpha\\, f(x;\\theta)`: the output of ``model`` (shared, not copied) times ``alpha``.
+
+    The NTK scales by :math:`\\alpha^2`; train it with ``train(..., alpha=alpha)`` so that the loss is
+    divided by :math:`\\alpha^2` and the function moves at an :math:`\\alpha`-independent speed while
+    the parameters move :math:`\\alpha` times less (Chizat et al. 2019).
+    """
+
+    def __init__(self, model: nn.Module, alpha: float) -> None:
+        super().__init__()
+        _check_model(model)
+        self.module = model
+        self.alpha = _check_positive_number("alpha", alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * self.module(x)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}"
+
+
+def linearize(model: nn.Module) -> Linearized:
+    """The linearisation of ``model`` around its current parameters, a trainable copy (see :class:`Linearized`).
+
+    ``model`` itself is neither modified nor shared. Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    """
+    return Linearized(model)
+
+
+def centered(model: nn.Module) -> Centered:
+    """``model`` minus its output at the current parameters (see :class:`Centered`); shares ``model``'s parameters.
+
+    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    """
+    return Centered(model)
+
+
+def scaled(model: nn.Module, alpha: float) -> Scaled:
+    """``alpha`` times ``model`` (see :class:`Scaled`); shares ``model``'s parameters.
+
+    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    """
+    return Scaled(model, alpha)
+
+
+@dataclass
+class NTKPrediction:
+    """Outputs of the linearised model predicted by :func:`ntk_predict`.
+
+    - ``train``: outputs on the training inputs, shape ``(n,)`` for an int ``steps`` or ``(len(steps), n)``.
+    - ``test``: outputs on the test inputs, ``(m,)`` or ``(len(steps), m)``; ``None`` without test inputs.
+    """
+
+    train: torch.Tensor
+    test: torch.Tensor | None
+
+
+def _check_vector(name: str, value: object, length: int | None, reference: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim == 2 and value.shape[1] == 1:
+        value = value[:, 0]
+    if value.ndim != 1 or (length is not None and value.shape[0] != length):
+        expected = "(n,)" if length is None else f"({length},) or ({length}, 1)"
+        raise ValueError(f"{name} must have shape {expected} (one scalar output per input), got {tuple(value.shape)}")
+    if value.dtype != reference.dtype or value.device != reference.device:
+        raise TypeError(f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
+                        f"got ({value.dtype}, {value.device})")
+    return value.detach()
+
+
+def ntk_predict(
+    kernel: torch.Tensor,
+    f0: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    steps: int | Sequence[int],
+    alpha: float = 1.0,
+    kernel_test: torch.Tensor | None = None,
+    f0_test: torch.Tensor | None = None,
+) -> NTKPrediction:
+    """Closed-form outputs of the linearised model after ``steps`` steps of :func:`train` (Lee et al. 2019).
+
+    With :math:`\\Theta` = ``kernel`` ``(n, n)`` on the training inputs, :math:`\\gamma = 2\\,\\mathrm{lr}/(n\\alpha^2)`
+    and residual :math:`r_0 = f_0 - y`, gradient descent on the loss of :func:`train` gives exactly
+
+    .. math::
+
+        f_t(X) = y + (I - \\gamma\\Theta)^t r_0, \\qquad
+        f_t(x_*) = f_0(x_*) - \\gamma\\, \\Theta(x_*, X) \\sum_{s<t} (I - \\gamma\\Theta)^s r_0,
+
+    evaluated through the eigendecomposition of :math:`\\Theta`, so a singular kernel is fine (the
+    sum is :math:`t` on its null space). The continuous-time formula of Lee et al. is the limit of
+    small ``lr``; this discrete one matches :func:`train` on :func:`linearize` up to rounding.
+
+    Args:
+        kernel: the empirical NTK ``(n, n)`` of the trained model (include ``alpha**2`` if it is scaled).
+        f0: initial outputs on the training inputs, ``(n,)`` or ``(n, 1)``.
+        y: targets ``(n,)`` or ``(n, 1)``.
+        lr: the learning rate given to :func:`train`; ``alpha``: the ``alpha`` given to it.
+        steps: one step count ``t >= 0`` or a sequence of them.
+        kernel_test: :math:`\\Theta(x_*, X)` of shape ``(m, n)``; needs ``f0_test`` ``(m,)`` or ``(m, 1)``.
+
+    Returns:
+        An :class:`NTKPrediction`; outputs are flat, ``(n,)``/``(m,)`` per step.
+    """
+    if not isinstance(kernel, torch.Tensor):
+        raise TypeError(f"kernel must be a torch.Tensor, got {type(kernel).__name__}")
+    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] == 0:
+        raise ValueError(f"kernel must be a square (n, n) matrix, got shape {tuple(kernel.shape)}")
+    if not kernel.is_floating_point():
+        raise TypeError(f"kernel must have a floating dtype, got {kernel.dtype}")
+    n = kernel.shape[0]
+    f0 = _check_vector("f0", f0, n, kernel)
+    y = _check_vector("y", y, n, kernel)
+    lr = _check_positive_number("lr", lr)
+    alpha = _check_positive_number("alpha", alpha)
+    single = isinstance(steps, int) and not isinstance(steps, bool)
+    step_list = [steps] if single else list(steps) if isinstance(steps, (list, tuple, range)) else None
+    if step_list is None or not step_list or any(
+        isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in step_list
+    ):
+        raise ValueError(f"steps must be an int >= 0 or a non-empty sequence of them, got {steps!r}")
+    if (kernel_test is None) != (f0_test is None):
+        raise ValueError("kernel_test and f0_test go together: pass both or neither")
+    if kernel_test is not None:
+        if not isinstance(kernel_test, torch.Tensor) or kernel_test.ndim != 2 or kernel_test.shape[1] != n:
+            shape = tuple(kernel_test.shape) if isinstance(kernel_test, torch.Tensor) else type(kernel_test).__name__
+            raise ValueError(f"kernel_test must be a (m, {n}) matrix Θ(x_test, x_train), got {shape}")
+        f0_test = _check_vector("f0_test", f0_test, kernel_test.shape[0], kernel)
+
+    gamma = 2.0 * lr / (n * alpha**2)
+    eigenvalues, vectors = torch.linalg.eigh(kernel.detach())
+    decay = 1.0 - gamma * eigenvalues
+    if bool((decay.abs() > 1.0).any()):
+        warnings.warn(
+            f"lr={lr:g} exceeds the stable limit n*alpha**2/lambda_max = {n * alpha**2 / float(eigenvalues.max()):g}; "
+            "gradient descent on the linearised model diverges", RuntimeWarning, stacklevel=2)
+    t = torch.tensor(step_list, dtype=kernel.dtype, device=kernel.device)[:, None]
+    residual0 = vectors.T @ (f0 - y)
+    train_out = y + (decay**t * residual0) @ vectors.T
+    test_out = None
+    if kernel_test is not None:
+        # sum_{s<t} (1 - g)^s = (1 - (1 - g)^t) / g, written with expm1/log1p so that it stays accurate
+        # when g = gamma * lambda is tiny, and equal to t on the null space where g = 0.
+        g = gamma * eigenvalues
+        small = g.abs() < 0.5
+        log_decay = torch.log1p(-torch.where(small, g, torch.zeros_like(g)))
+        series = torch.where(small, -torch.expm1(t * log_decay), 1.0 - decay**t) / torch.where(g == 0, 1.0, g)
+        series = torch.where(g == 0, t, series)
+        test_out = f0_test - (gamma * series * residual0) @ (kernel_test.detach() @ vectors).T
+    if single:
+        return NTKPrediction(train_out[0], None if test_out is None else test_out[0])
+    return NTKPrediction(train_out, test_out)
+
+
+def critical_lr(kernel: torch.Tensor, *, alpha: float = 1.0) -> float:
+    """The largest learning rate at which :func:`train` is stable for the linearised model: :math:`n\\alpha^2/\\lambda_{\\max}(\\Theta)`.
+
+    Gradient descent multiplies the residual's component along each eigenvector of ``kernel``
+    ``(n, n)`` by :math:`1 - 2\\,\\mathrm{lr}\\,\\lambda/(n\\alpha^2)`, which exceeds 1 in magnitude when
+    ``lr`` passes this value. Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    """
+    if not isinstance(kernel, torch.Tensor) or kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(f"kernel must be a square (n, n) torch.Tensor, got {kernel!r:.60}")
+    alpha = _check_positive_number("alpha", alpha)
+    largest = float(torch.linalg.eigvalsh(kernel.detach()).max())
+    if largest <= 0:
+        raise ValueError("kernel has no positive eigenvalue, so every learning rate is stable")
+    return kernel.shape[0] * alpha**2 / largest
