@@ -1,23 +1,52 @@
-"""Empirical neural tangent kernels of PyTorch models.
+"""Empirical neural tangent kernels of PyTorch models, by four methods behind one function.
 
-For a model :math:`f(\\cdot;\\theta)` with one output per input, the empirical NTK of two batches is
+For a model :math:`f(\\cdot;\\theta)` with :math:`k` outputs per input, the empirical NTK of two batches is
 
 .. math::
 
-    \\Theta(x, x') = \\Big\\langle \\frac{\\partial f(x;\\theta)}{\\partial \\theta},
-    \\frac{\\partial f(x';\\theta)}{\\partial \\theta} \\Big\\rangle,
+    \\Theta_{ab}(x, x') = \\Big\\langle \\frac{\\partial f_a(x;\\theta)}{\\partial \\theta},
+    \\frac{\\partial f_b(x';\\theta)}{\\partial \\theta} \\Big\\rangle,
 
 the inner product running over every parameter with ``requires_grad`` (Jacot, Gabriel & Hongler 2018).
+Stacking per-input gradients as the rows of the Jacobians :math:`J_1, J_2` gives :math:`\\Theta = J_1 J_2^\\top`.
+The methods differ only in how they avoid paying for that product (Novak, Sohl-Dickstein & Schoenholz 2022):
 
-Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`).
+- ``"loop"``: one backward pass per input and output, :math:`J` stacked explicitly (chapter 1).
+- ``"jacobian"``: :func:`torch.func.vmap` of :func:`torch.func.jacrev` over inputs, then one matrix
+  product per parameter tensor. Memory :math:`O((n_1 + n_2) k P)`.
+- ``"implicit"``: NTK-vector products :math:`\\Theta e = J_1 (J_2^\\top e)`, a ``vjp`` then a ``jvp``;
+  :math:`J_1` is never formed and at most ``chunk_size`` rows of :math:`J_2` are held at a time.
+- ``"structured"``: the chain rule through each layer. For a dense layer :math:`z = s W a + s_b b`,
+  :math:`\\partial f/\\partial W = s\\, g a^\\top` with :math:`g = \\partial f/\\partial z`, so its share of
+  :math:`\\Theta` is :math:`(G G'^\\top) \\odot (s^2 A A'^\\top + s_b^2)`: one forward pass, one backward
+  pass per output to the layer *outputs*, then Gram matrices of size :math:`n_1 \\times n_2`. Other
+  layers get per-input gradients of their own parameters from their own inputs and output gradients.
+
+Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`); the methods, modes and chunking in chapter 2
+(:doc:`/chapters/02_torch_func`).
 """
 
 from __future__ import annotations
 
+import os
+from typing import Callable
+
 import torch
 from torch import nn
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.utils.flop_counter import FlopCounterMode
 
-METHODS = ("loop",)
+from ntkbook.models import NTKLinear
+
+METHODS = ("auto", "loop", "jacobian", "implicit", "structured")
+MODES = ("full", "trace", "diagonal")
+
+# Feature of one input batch: a list of per-layer entries that `_contract` knows how to pair.
+Features = list
+
+
+class NotStructuredError(ValueError):
+    """The model breaks an assumption of ``method="structured"``; the message names the module."""
 
 
 def _trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
@@ -46,29 +75,447 @@ def _check_input(name: str, x: object, reference: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _scalar_outputs(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Run ``model`` on ``x`` and return outputs of shape ``(n,)``, or explain why it cannot."""
+def _check_options(method: object, mode: object, chunk_size: object) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__} {chunk_size!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+
+
+def _refuse_batch_coupling(model: nn.Module) -> None:
+    """BatchNorm with batch statistics mixes the inputs of a batch, so one input's NTK is undefined."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None):
+            raise ValueError(
+                f"module {name or type(model).__name__!r} ({type(module).__name__}) normalises with batch "
+                "statistics, so each output depends on the whole batch and the NTK of one input is undefined; "
+                "call model.eval() (with running statistics) first"
+            )
+
+
+def _as_rows(name: str, out: object, n: int) -> torch.Tensor:
+    """Outputs of shape ``(n,)`` or ``(n, k)`` as ``(n, k)``, or explain why not."""
+    if not isinstance(out, torch.Tensor) or out.ndim not in (1, 2) or out.shape[0] != n:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"the model must map {name} to one output row per input, of shape (n,) or (n, k) with n = {n} "
+            f"inputs here; got {shape}"
+        )
+    return out.reshape(n, -1)
+
+
+def _apply(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     try:
-        out = model(x)
+        return _as_rows(name, model(x), x.shape[0])
     except RuntimeError as err:
         raise ValueError(f"model cannot be applied to {name} of shape {tuple(x.shape)}: {err}") from None
-    n = x.shape[0]
-    if out.shape not in ((n,), (n, 1)):
-        raise ValueError(
-            f"method='loop' needs one output per input, i.e. model({name}) of shape ({n},) or ({n}, 1); "
-            f"got {tuple(out.shape)}"
-        )
-    return out.reshape(n)
 
 
-def _loop_gradients(model: nn.Module, params: list[torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
-    """Per-input gradients ``(n, P)``: one forward pass for the batch, then one backward pass per input."""
-    out = _scalar_outputs(model, name, x)
+def _probe(model: nn.Module, name: str, x: torch.Tensor) -> int:
+    """The number of outputs per input, from one input, without building a graph."""
+    with torch.no_grad():
+        try:
+            out = model(x[:1])
+        except RuntimeError as err:
+            raise ValueError(f"model cannot be applied to {name} of shape {tuple(x.shape)}: {err}") from None
+    return _as_rows(name, out, 1).shape[1]
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
+    """Contract per-input features ``a`` (n1, k, p) and ``b`` (n2, k, p) over ``p`` in the given mode."""
+    n1, k, p = a.shape
+    n2 = b.shape[0]
+    if mode == "full":
+        return (a.reshape(n1 * k, p) @ b.reshape(n2 * k, p).T).reshape(n1, k, n2, k).permute(0, 2, 1, 3)
+    if mode == "trace":
+        return a.reshape(n1, k * p) @ b.reshape(n2, k * p).T
+    return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0)).permute(1, 2, 0)
+
+
+def _contract(f1: Features, f2: Features, mode: str) -> torch.Tensor:
+    """Sum the per-layer kernels of two feature lists (see :func:`_structured_features`)."""
+    total = None
+    for e1, e2 in zip(f1, f2):
+        if isinstance(e1, tuple):
+            (a1, g1, s2, sb2), (a2, g2, _, _) = e1, e2
+            inputs = s2 * (a1 @ a2.T) + sb2 if a1 is not None else g1.new_full((g1.shape[0], g2.shape[0]), sb2)
+            term = _gram(g1, g2, mode)
+            term = term * (inputs if mode == "trace" else inputs[:, :, None] if mode == "diagonal" else inputs[:, :, None, None])
+        else:
+            term = _gram(e1, e2, mode)
+        total = term if total is None else total.add_(term)
+    return total
+
+
+# --- method "loop" ---------------------------------------------------------------------------------------
+
+def _loop_features(model: nn.Module, params: list[torch.Tensor], name: str, x: torch.Tensor) -> Features:
+    """Per-input gradients ``(n, k, P)``: one forward pass for the batch, one backward pass per input and output."""
+    out = _apply(model, name, x)
+    n, k = out.shape
     rows = []
-    for i in range(out.shape[0]):
-        grads = torch.autograd.grad(out[i], params, retain_graph=i + 1 < out.shape[0], allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
-    return torch.stack(rows)
+    for i in range(n):
+        for a in range(k):
+            last = i + 1 == n and a + 1 == k
+            grads = torch.autograd.grad(out[i, a], params, retain_graph=not last, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
+    return [torch.stack(rows).reshape(n, k, -1)]
+
+
+# --- method "jacobian" -----------------------------------------------------------------------------------
+
+def _single_input_function(model: nn.Module, k: int) -> Callable:
+    def f(params: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, params, (xi.unsqueeze(0),)).reshape(k)
+
+    return f
+
+
+def _jacobian_features(model: nn.Module, params: dict[str, torch.Tensor], k: int, x: torch.Tensor) -> Features:
+    """``vmap(jacrev)`` over inputs: one ``(n, k, p)`` Jacobian per parameter tensor."""
+    jac = vmap(jacrev(_single_input_function(model, k)), in_dims=(None, 0))(params, x)
+    return [j.reshape(x.shape[0], k, -1) for j in jac.values()]
+
+
+# --- method "implicit" -----------------------------------------------------------------------------------
+
+def _implicit_block(
+    model: nn.Module, params: dict[str, torch.Tensor], k: int, x1: torch.Tensor, x2: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """:math:`\\Theta e_{jb} = J_1 (J_2^\\top e_{jb})` for every basis cotangent of ``x2``: a vjp, then a jvp."""
+    n1, n2 = x1.shape[0], x2.shape[0]
+    f_single = _single_input_function(model, k)
+    basis = torch.eye(k, dtype=x2.dtype, device=x2.device)
+
+    def rows_of_j2(xj: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Only input j's cotangent is nonzero, so the vjp of the batch reduces to a vjp of that input alone.
+        _, pullback = vjp(lambda p: f_single(p, xj), params)
+        return vmap(pullback)(basis)[0]
+
+    tangents = {name: t.reshape(n2 * k, *t.shape[2:]) for name, t in vmap(rows_of_j2)(x2).items()}
+
+    def push_forward(tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+        return jvp(lambda p: functional_call(model, p, (x1,)).reshape(n1, k), (params,), (tangent,))[1]
+
+    columns = vmap(push_forward)(tangents)  # columns[(j, b), i, a] = Θ[i, j, a, b]
+    full = columns.reshape(n2, k, n1, k).permute(2, 0, 3, 1)
+    if mode == "full":
+        return full
+    if mode == "trace":
+        return torch.einsum("ijaa->ij", full)
+    return torch.einsum("ijaa->ija", full)
+
+
+# --- method "structured" ---------------------------------------------------------------------------------
+
+def _layers(model: nn.Module) -> dict[nn.Module, str]:
+    """Modules that own trainable parameters directly, in registration order, with their qualified names."""
+    return {
+        module: name or type(model).__name__
+        for name, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    }
+
+
+def _dense_factors(module: nn.Module) -> tuple[float, float] | None:
+    """``(s, s_b)`` with ``z = s W a + s_b b`` for the dense layers whose forward ntkbook knows exactly."""
+    if type(module) is nn.Linear:
+        return 1.0, 1.0
+    if type(module) is NTKLinear:
+        return module.weight_scale, module.bias_std
+    return None
+
+
+def _check_parameters_stay_inside(out: torch.Tensor, captured: dict, layers: dict[nn.Module, str]) -> None:
+    """Walk the autograd graph outside the captured layers: a trainable parameter found there is used
+    outside its own module's forward (weight tying, or a parent reading ``child.weight``), which the
+    per-layer factorisation would miss."""
+    owner = {id(p): (name, module) for module, name in layers.items() for p in module.parameters(recurse=False)}
+    portals = {}
+    for module, (args, z) in captured.items():
+        if z.grad_fn is not None:
+            portals[z.grad_fn] = [a.grad_fn for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None]
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in owner:
+            name, module = owner[id(variable)]
+            raise NotStructuredError(
+                f"a parameter of module {name!r} ({type(module).__name__}) is used outside that module's "
+                "forward; method='structured' needs each parameter used only inside its own module"
+            )
+        if node in portals:
+            stack.extend(portals[node])
+        else:
+            stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _per_input_parameter_gradients(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of ``module``'s own trainable parameters for each input, ``(n, k, p)`` per tensor, from the
+    layer's inputs ``args`` (each ``(n, ...)``) and the output gradients ``g`` (n, k, ...)."""
+    params = {name: p.detach() for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+    def per_input(*row: torch.Tensor) -> dict[str, torch.Tensor]:
+        *a, gi = row
+        _, pullback = vjp(lambda p: functional_call(module, p, tuple(t.unsqueeze(0) for t in a)).squeeze(0), params)
+        return vmap(pullback)(gi)[0]
+
+    try:
+        grads = vmap(per_input)(*args, g)
+    except RuntimeError as err:
+        raise NotStructuredError(
+            f"cannot take per-input gradients of module {name!r} ({type(module).__name__}) with torch.func: {err}"
+        ) from None
+    return [t.reshape(g.shape[0], g.shape[1], -1) for t in grads.values()]
+
+
+def _structured_features(model: nn.Module, layers: dict[nn.Module, str], name: str, x: torch.Tensor) -> Features:
+    """One forward pass recording each layer's input and output, one backward pass per output to the layer
+    outputs, then per-layer factors: ``(A, G, s^2, s_b^2)`` for dense layers, per-input gradients otherwise."""
+    captured: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
+
+    def record(module: nn.Module, args: tuple, output: object) -> None:
+        if module in captured:
+            raise NotStructuredError(
+                f"module {layers[module]!r} ({type(module).__name__}) is applied more than once per forward "
+                "pass; method='structured' needs each layer with trainable parameters applied once"
+            )
+        if not isinstance(output, torch.Tensor) or any(not isinstance(a, torch.Tensor) for a in args):
+            raise NotStructuredError(
+                f"module {layers[module]!r} ({type(module).__name__}) takes or returns something other than "
+                "tensors; method='structured' needs tensor inputs and one tensor output per layer"
+            )
+        captured[module] = (args, output)
+
+    handles = [module.register_forward_hook(record) for module in layers]
+    try:
+        out = _apply(model, name, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    _check_parameters_stay_inside(out, captured, layers)
+    n, k = out.shape
+    order = [m for m in layers if m in captured and captured[m][1].requires_grad]
+    if not order or not out.requires_grad:
+        # No trainable parameter reaches the output: the kernel is zero.
+        return [out.new_zeros(n, k, 1)]
+    zs = [captured[m][1] for m in order]
+    if k == 1:
+        grads = torch.autograd.grad(out, zs, torch.ones_like(out), allow_unused=True)
+        grads = [None if g is None else g.unsqueeze(1) for g in grads]
+    else:
+        # Each input's outputs depend on that input alone, so one backward pass of output a summed over
+        # the batch gives every input's gradient for output a; is_grads_batched runs the k passes at once.
+        basis = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, n, k)
+        grads = torch.autograd.grad(out, zs, basis, is_grads_batched=True, allow_unused=True)
+        grads = [None if g is None else g.transpose(0, 1) for g in grads]
+    features: Features = []
+    for module, g in zip(order, grads):
+        args, z = captured[module]
+        if g is None:
+            g = torch.zeros(n, k, *z.shape[1:], dtype=z.dtype, device=z.device)
+        factors = _dense_factors(module)
+        if factors is not None and args[0].ndim == 2:
+            s, s_b = factors
+            a = args[0].detach() if module.weight.requires_grad else None
+            s_b2 = s_b**2 if module.bias is not None and module.bias.requires_grad else 0.0
+            features.append((a, g.detach(), s**2, s_b2))
+        else:
+            features.extend(_per_input_parameter_gradients(module, layers[module], tuple(t.detach() for t in args), g.detach()))
+    return features
+
+
+# --- the driver ------------------------------------------------------------------------------------------
+
+def _ranges(n: int, chunk: int | None) -> list[tuple[int, int]]:
+    step = n if chunk is None else chunk
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _transpose_block(block: torch.Tensor, mode: str) -> torch.Tensor:
+    """Θ(x2, x1) from Θ(x1, x2): swap the inputs, and the outputs too in full mode."""
+    block = block.transpose(0, 1)
+    return block.transpose(2, 3) if mode == "full" else block
+
+
+def _blockwise(
+    compute: Callable[[int, int, int, int], torch.Tensor],
+    n1: int,
+    n2: int,
+    symmetric: bool,
+    chunk: int | None,
+    mode: str,
+) -> torch.Tensor:
+    """Assemble the kernel from blocks ``compute(i0, i1, j0, j1)``; a symmetric kernel computes each
+    off-diagonal block once."""
+    rows, cols = _ranges(n1, chunk), _ranges(n2, chunk)
+    if len(rows) == 1 and len(cols) == 1:
+        return compute(0, n1, 0, n2)
+    kernel = None
+    for bi, (i0, i1) in enumerate(rows):
+        for bj, (j0, j1) in enumerate(cols):
+            if symmetric and bj < bi:
+                block = _transpose_block(kernel[j0:j1, i0:i1], mode)
+            else:
+                block = compute(i0, i1, j0, j1)
+            if kernel is None:
+                kernel = block.new_empty((n1, n2, *block.shape[2:]))
+            kernel[i0:i1, j0:j1] = block
+    return kernel
+
+
+def _feature_kernel(
+    featurize: Callable[[str, torch.Tensor], Features],
+    x1: torch.Tensor,
+    x2: torch.Tensor | None,
+    chunk: int | None,
+    mode: str,
+    keep_features: bool,
+) -> torch.Tensor:
+    """Kernel from per-chunk features. The current block row's features are reused along the row;
+    ``keep_features`` also keeps every column chunk's features (right for "structured", whose features
+    take O(n * width) memory; Jacobians are recomputed instead, to keep memory bounded)."""
+    symmetric = x2 is None
+    other, other_name = (x1, "x1") if symmetric else (x2, "x2")
+    row: dict[str, object] = {}
+    kept: dict[int, Features] = {}
+
+    def row_features(i0: int, i1: int) -> Features:
+        if row.get("start") != i0:
+            row.update(start=i0, features=kept.get(i0) if symmetric and i0 in kept else featurize("x1", x1[i0:i1]))
+            if keep_features and symmetric:
+                kept[i0] = row["features"]
+        return row["features"]
+
+    def column_features(j0: int, j1: int) -> Features:
+        if j0 in kept:
+            return kept[j0]
+        found = featurize(other_name, other[j0:j1])
+        if keep_features:
+            kept[j0] = found
+        return found
+
+    def block(i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        f1 = row_features(i0, i1)
+        f2 = f1 if symmetric and i0 == j0 else column_features(j0, j1)
+        return _contract(f1, f2, mode)
+
+    return _blockwise(block, x1.shape[0], other.shape[0], symmetric, chunk, mode)
+
+
+def _available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device``: free CUDA memory, or MemAvailable on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _forward_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """Floating-point operations of one forward pass on one input (matrix products and convolutions)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    return counter.get_total_flops()
+
+
+def memory_estimate(
+    model: nn.Module,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    *,
+    method: str,
+    mode: str = "full",
+    chunk_size: int | None = None,
+) -> int:
+    """Bytes that :func:`empirical_ntk` needs beyond the model and inputs, to leading order.
+
+    With :math:`P` trainable parameters, :math:`k` outputs, :math:`c` inputs per chunk (``chunk_size``,
+    else the whole batch), :math:`H` activations per input and :math:`b` bytes per number:
+    ``"loop"`` and ``"jacobian"`` hold two chunks of Jacobian, :math:`2 c k P b`; ``"implicit"`` holds
+    :math:`c k P b` of vjps plus :math:`c k \\cdot c H b` of jvp tangents; ``"structured"`` holds each
+    layer's input and output gradients, :math:`O(n (H + k H))`, and per-input gradients of any
+    non-dense layer. All add the kernel itself, :math:`n_1 n_2 k^2 b` in full mode. ``method="auto"``
+    is not accepted: ask about the method it would pick.
+
+    Introduced in chapter 2 (:doc:`/chapters/02_torch_func`).
+    """
+    params = _trainable_parameters(model)
+    x1 = _check_input("x1", x1, params[0])
+    if x2 is not None:
+        x2 = _check_input("x2", x2, params[0])
+    _check_options(method, mode, chunk_size)
+    if method == "auto":
+        raise ValueError("method must name one method for memory_estimate, not 'auto'")
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    sizes: list[tuple[nn.Module, int, int]] = []
+
+    def record(module: nn.Module, args: tuple, output: object) -> None:
+        inputs = sum(a[0].numel() for a in args if isinstance(a, torch.Tensor))
+        sizes.append((module, inputs, output[0].numel() if isinstance(output, torch.Tensor) else 0))
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+    try:
+        k = _probe(model, "x1", x1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    b = x1.element_size()
+    p = sum(q.numel() for q in params)
+    kernel = n1 * n2 * {"full": k * k, "trace": 1, "diagonal": k}[mode] * b
+    c1, c2 = min(n1, chunk_size or n1), min(n2, chunk_size or n2)
+    activations = sum(outputs for _, _, outputs in sizes)
+    if method in ("loop", "jacobian"):
+        return kernel + (c1 + c2) * k * p * b + c1 * activations * b
+    if method == "implicit":
+        return kernel + c2 * k * p * b + c2 * k * c1 * activations * b
+    layers = _layers(model)
+    per_input = 0
+    for module, inputs, outputs in sizes:
+        if module in layers:
+            own = sum(q.numel() for q in module.parameters(recurse=False) if q.requires_grad)
+            dense = _dense_factors(module) is not None and inputs == module.in_features
+            per_input += inputs + k * outputs if dense else k * own
+    stored = n1 if x2 is None else n1 + n2
+    return kernel + stored * per_input * b + c1 * activations * b + 2 * c1 * c2 * k * k * b
+
+
+def _pick_method(
+    model: nn.Module, params: list[torch.Tensor], x1: torch.Tensor, x2: torch.Tensor | None, k: int, mode: str
+) -> tuple[str, int | None]:
+    """For models "structured" cannot handle: the cheaper of "jacobian" and "implicit" by the cost model of
+    Novak et al. (2022), if it fits in half the free memory; else "implicit" in chunks that fit."""
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    p = sum(q.numel() for q in params)
+    flops = max(_forward_flops(model, x1), p)
+    contraction = n1 * n2 * p * (k * k if mode == "full" else k)
+    jacobian_cost = (n1 + n2) * k * 3 * flops + 2 * contraction
+    implicit_cost = n2 * k * 3 * flops + n2 * k * n1 * 3 * flops
+    budget = _available_memory(x1.device) // 2
+    fits = {m: memory_estimate(model, x1, x2, method=m, mode=mode) <= budget for m in ("jacobian", "implicit")}
+    if fits["jacobian"] and (jacobian_cost <= implicit_cost or not fits["implicit"]):
+        return "jacobian", None
+    if fits["implicit"]:
+        return "implicit", None
+    chunk = max(1, min(n1, n2))
+    while chunk > 1 and memory_estimate(model, x1, x2, method="implicit", mode=mode, chunk_size=chunk) > budget:
+        chunk //= 2
+    return "implicit", chunk
 
 
 def empirical_ntk(
@@ -76,28 +523,84 @@ def empirical_ntk(
     x1: torch.Tensor,
     x2: torch.Tensor | None = None,
     *,
-    method: str = "loop",
+    method: str = "auto",
+    mode: str = "full",
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """The empirical NTK :math:`\\Theta_{ij} = \\langle \\partial_\\theta f(x_{1,i}), \\partial_\\theta f(x_{2,j}) \\rangle`.
+    """The empirical NTK :math:`\\Theta_{ab}(x_{1,i}, x_{2,j}) = \\langle \\partial_\\theta f_a(x_{1,i}), \\partial_\\theta f_b(x_{2,j}) \\rangle`.
 
     Args:
-        model: a module mapping a batch ``(n, ...)`` to ``(n,)`` or ``(n, 1)``; every parameter with
-            ``requires_grad`` counts. Each input's output must depend on that input alone.
+        model: a module mapping a batch ``(n, ...)`` to ``(n,)`` or ``(n, k)``; every parameter with
+            ``requires_grad`` counts, the others and buffers are constants. Each input's output must
+            depend on that input alone (BatchNorm in training mode is refused).
         x1: inputs of shape ``(n1, ...)``, same dtype and device as the model.
-        x2: inputs of shape ``(n2, ...)``; ``None`` means ``x1`` (and the kernel is computed once).
-        method: ``"loop"``: one backward pass per input (``n1 + n2`` of them, never ``n1 * n2``),
-            stacking the gradients into :math:`J` of shape ``(n, P)`` and returning :math:`J_1 J_2^\\top`.
+        x2: inputs of shape ``(n2, ...)``; ``None`` means ``x1``, and symmetry halves the work.
+        method: ``"loop"`` (one backward pass per input and output), ``"jacobian"`` (``vmap(jacrev)``
+            and a contraction per parameter tensor), ``"implicit"`` (``vjp`` then ``jvp``, never forming
+            the Jacobian of ``x1``), ``"structured"`` (the per-layer factorisation
+            :math:`\\Theta = \\sum_l (G_l G_l'^\\top) \\odot (s_l^2 A_l A_l'^\\top + s_{b,l}^2)` for
+            ``nn.Linear`` and :class:`~ntkbook.models.NTKLinear`, per-input gradients of the layer's own
+            parameters for any other layer; each layer must be applied once per forward pass and its
+            parameters used only inside it, else :class:`NotStructuredError` names the module), or
+            ``"auto"``: "structured" when it applies, else whichever of "jacobian" and "implicit" is
+            cheaper and fits in memory.
+        mode: for ``k`` outputs, ``"full"`` gives ``(n1, n2, k, k)``; ``"trace"`` gives ``(n1, n2)``, the
+            *sum* over outputs :math:`\\sum_a \\Theta_{aa}` (neural-tangents' ``trace_axes`` averages
+            instead, so its values are ours divided by ``k``); ``"diagonal"`` gives ``(n1, n2, k)``,
+            :math:`\\Theta_{aa}` per output. With one output every mode gives ``(n1, n2)``.
+        chunk_size: compute the kernel in blocks of at most ``chunk_size`` inputs from each side, so memory
+            stays bounded by the blocks (see :func:`memory_estimate`); ``None`` does it in one block.
 
     Returns:
-        The kernel, shape ``(n1, n2)``, in the model's dtype and on its device.
+        The kernel in the model's dtype and on its device, detached from the graph.
     """
     params = _trainable_parameters(model)
     reference = params[0]
     x1 = _check_input("x1", x1, reference)
     if x2 is not None:
         x2 = _check_input("x2", x2, reference)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    jac1 = _loop_gradients(model, params, "x1", x1)
-    jac2 = jac1 if x2 is None else _loop_gradients(model, params, "x2", x2)
-    return (jac1 @ jac2.T).detach()
+    _check_options(method, mode, chunk_size)
+    _refuse_batch_coupling(model)
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    chunk = chunk_size
+
+    if method in ("auto", "structured"):
+        layers = _layers(model)
+        try:
+            kernel = _feature_kernel(
+                lambda name, x: _structured_features(model, layers, name, x), x1, x2, chunk, mode, True
+            )
+            return _squeeze(kernel.detach(), mode)
+        except NotStructuredError:
+            if method == "structured":
+                raise
+        method, picked = _pick_method(model, params, x1, x2, _probe(model, "x1", x1), mode)
+        chunk = chunk_size or picked
+
+    if method == "loop":
+        kernel = _feature_kernel(lambda name, x: _loop_features(model, params, name, x), x1, x2, chunk, mode, False)
+        return _squeeze(kernel.detach(), mode)
+
+    k = _probe(model, "x1", x1)
+    if x2 is not None and _probe(model, "x2", x2) != k:
+        raise ValueError("the model gives x1 and x2 different numbers of outputs per input")
+    named = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if method == "jacobian":
+        kernel = _feature_kernel(lambda name, x: _jacobian_features(model, named, k, x), x1, x2, chunk, mode, False)
+    else:
+        other = x1 if x2 is None else x2
+        kernel = _blockwise(
+            lambda i0, i1, j0, j1: _implicit_block(model, named, k, x1[i0:i1], other[j0:j1], mode),
+            n1, n2, x2 is None, chunk, mode,
+        )
+    return _squeeze(kernel.detach(), mode)
+
+
+def _squeeze(kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """One output per input: every mode is the ``(n1, n2)`` matrix."""
+    if mode == "full" and kernel.shape[-1] == 1:
+        return kernel[:, :, 0, 0]
+    if mode == "diagonal" and kernel.shape[-1] == 1:
+        return kernel[:, :, 0]
+    return kernel

@@ -66,7 +66,7 @@ def test_loop_makes_one_backward_pass_per_input() -> None:
     model.readout.weight.register_hook(lambda grad: calls.append(1))
     x1 = torch.randn(7, 3, generator=torch.Generator().manual_seed(1))
     x2 = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
-    empirical_ntk(model, x1, x2)
+    empirical_ntk(model, x1, x2, method="loop")
     assert len(calls) == 7 + 5
 
 
@@ -136,10 +136,18 @@ def test_not_a_module_is_refused() -> None:
         empirical_ntk(lambda x: x, GOOD_X)
 
 
-def test_several_outputs_are_refused_by_the_loop() -> None:
-    model = TwoLayerNet(3, 4, 2)
-    with pytest.raises(ValueError, match="one output per input"):
-        empirical_ntk(model, GOOD_X)
+def test_outputs_that_are_not_one_row_per_input_are_refused() -> None:
+    class Grid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).reshape(-1, 2, 3)
+
+    for method in ("loop", "jacobian", "implicit", "structured"):
+        with pytest.raises(ValueError, match=r"one output row per input, of shape \(n,\) or \(n, k\)"):
+            empirical_ntk(Grid(), GOOD_X, method=method)
 
 
 def test_unknown_method_is_refused() -> None:
