@@ -1,7 +1,8 @@
 """ntkbook: Neural Tangent Kernels in PyTorch, the helper package of the ntkbook executable book.
 
 Modules: :mod:`ntkbook.models` (networks in the NTK and standard parameterisations),
-:mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.training` (gradient descent, linearised models and
+:mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.kernels` (analytic
+infinite-width kernels), :mod:`ntkbook.training` (gradient descent, linearised models and
 NTK predictions) and :mod:`ntkbook.plotting` (the book's figure style).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ntkbook.kernels import kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
 from ntkbook.ntk import empirical_ntk
 from ntkbook.training import DivergenceError, centered, critical_lr, linearize, ntk_predict, scaled, train
@@ -25,9 +27,14 @@ __all__ = [
     "default_device",
     "dense",
     "empirical_ntk",
+    "kappa0",
+    "kappa1",
     "linearize",
+    "mc_relu_ntk",
     "mlp",
     "ntk_predict",
+    "relu_nngp",
+    "relu_ntk",
     "scaled",
     "train",
 ]

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from ntkbook.models import _check_generator, _check_positive_int, _check_std
+
 
 def _as_cosine(u: torch.Tensor) -> torch.Tensor:
     if not isinstance(u, torch.Tensor):
@@ -44,3 +46,207 @@ def kappa1(u: torch.Tensor) -> torch.Tensor:
     """Arc-cosine kernel of degree 1, :math:`\\kappa_1(u) = (u(\\pi - \\arccos u) + \\sqrt{1-u^2})/\\pi`, elementwise; ``u`` is clipped to [-1, 1]."""
     u = _as_cosine(u)
     return (u * (math.pi - torch.arccos(u)) + torch.sqrt(1.0 - u * u)) / math.pi
+
+
+# --- ReLU multilayer perceptrons: NNGP and NTK by the layer recursion, and a Monte-Carlo check ---
+# The exact infinite-width limits of ``ntkbook.mlp(..., parameterization="ntk")``.
+
+_MC_CHUNK_ELEMENTS = 2**22
+
+
+def _check_batch_shape(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (n, d), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty batch of shape (n, d) with n, d >= 1, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_pair(x1: object, x2: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two batches ``(n1, d)`` and ``(n2, d)`` of one floating dtype, on one device, finite."""
+    x1 = _check_batch_shape("x1", x1)
+    x2 = _check_batch_shape("x2", x2)
+    if x2.shape[1] != x1.shape[1]:
+        raise ValueError(f"x2 must have the input dimension of x1 ({x1.shape[1]}), got shape {tuple(x2.shape)}")
+    if x2.dtype != x1.dtype:
+        raise TypeError(f"x2 has dtype {x2.dtype} but x1 has {x1.dtype}; pass both in one dtype")
+    if x2.device != x1.device:
+        raise ValueError(f"x2 is on {x2.device} but x1 is on {x1.device}")
+    for name, x in (("x1", x1), ("x2", x2)):
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+    return x1, x2
+
+
+def _relu_recursion(
+    x1: object, x2: object, depth: object, weight_std: object, bias_std: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the recursion of :func:`relu_ntk` and return ``(nngp, ntk)`` of the readout."""
+    x1, x2 = _check_pair(x1, x2)
+    depth = _check_positive_int("depth", depth)
+    var_w = _check_std("weight_std", weight_std) ** 2
+    var_b = _check_std("bias_std", bias_std) ** 2
+    fan_in = x1.shape[1]
+    cross = var_w * (x1 @ x2.T) / fan_in + var_b
+    diag1 = var_w * (x1 * x1).sum(dim=1) / fan_in + var_b
+    diag2 = var_w * (x2 * x2).sum(dim=1) / fan_in + var_b
+    ntk = cross
+    for _ in range(depth):
+        scale = torch.sqrt(diag1[:, None] * diag2[None, :])
+        # A pre-activation of variance 0 is identically 0, so relu and relu' vanish there: any
+        # cosine gives the right (zero) terms, and 0 is the continuous extension.
+        positive = scale > 0
+        cosine = torch.where(positive, cross / torch.where(positive, scale, 1.0), 0.0)
+        cross = 0.5 * var_w * scale * kappa1(cosine) + var_b
+        derivative = 0.5 * var_w * kappa0(cosine)
+        ntk = cross + ntk * derivative
+        # kappa1(1) = 1, so the variances follow the same map without a cosine.
+        diag1 = 0.5 * var_w * diag1 + var_b
+        diag2 = 0.5 * var_w * diag2 + var_b
+    return cross, ntk
+
+
+def relu_nngp(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    depth: int = 1,
+    *,
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+) -> torch.Tensor:
+    """Infinite-width NNGP covariance :math:`\\Sigma(x, x') = \\mathbb E[f(x) f(x')]` of a ReLU MLP.
+
+    The network is ``mlp(d, width, depth, parameterization="ntk", weight_std=sigma_w,
+    bias_std=sigma_b)`` as width goes to infinity: every layer, readout included, computes
+    :math:`z = (\\sigma_w/\\sqrt{\\text{fan-in}}) W a + \\sigma_b b` with standard normal ``W``, ``b``.
+    With :math:`\\Sigma^{(1)}(x, x') = \\sigma_w^2 \\langle x, x'\\rangle / d + \\sigma_b^2` and, for
+    each of the ``depth`` ReLU layers (Jacot, Gabriel & Hongler 2018; Cho & Saul 2009),
+
+    .. math::
+
+        \\Sigma^{(l+1)}(x, x') = \\tfrac{\\sigma_w^2}{2} \\sqrt{\\Sigma^{(l)}(x,x)\\Sigma^{(l)}(x',x')}\\,
+        \\kappa_1(\\rho^{(l)}) + \\sigma_b^2, \\qquad
+        \\rho^{(l)} = \\frac{\\Sigma^{(l)}(x, x')}{\\sqrt{\\Sigma^{(l)}(x,x)\\Sigma^{(l)}(x',x')}},
+
+    the result is :math:`\\Sigma^{(\\text{depth}+1)}`. An input whose pre-activation variance is zero
+    (zero norm and ``bias_std = 0``) makes the network output identically zero, and gets covariance
+    0 with every input: the continuous extension of the formula.
+
+    Accuracy: :math:`\\kappa_0` and the two terms of :math:`\\kappa_1` have infinite slope at
+    :math:`\\rho = \\pm 1`, so a rounding error :math:`\\varepsilon` in a cosine becomes an error of
+    order :math:`\\sqrt{\\varepsilon}` in the kernel, even for identical inputs: about :math:`10^{-8}`
+    relative in float64 and :math:`10^{-4}` in float32. Use float64 to compare kernels closely.
+
+    Args:
+        x1: inputs of shape ``(n1, d)``, any norm.
+        x2: inputs of shape ``(n2, d)``, same dtype and device as ``x1`` (may be ``x1`` itself).
+        depth: number of hidden ReLU layers, at least 1.
+        weight_std: :math:`\\sigma_w \\ge 0`.
+        bias_std: :math:`\\sigma_b \\ge 0`.
+
+    Returns:
+        Tensor of shape ``(n1, n2)`` in the dtype and on the device of ``x1``.
+
+    Introduced in chapter 3 (:doc:`/chapters/03_arccos_kernel`).
+    """
+    return _relu_recursion(x1, x2, depth, weight_std, bias_std)[0]
+
+
+def relu_ntk(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    depth: int = 1,
+    *,
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+) -> torch.Tensor:
+    """Infinite-width NTK of a ReLU MLP: the limit of ``empirical_ntk(mlp(...))`` as width grows.
+
+    Same network and arguments as :func:`relu_nngp`. With
+    :math:`\\dot\\Sigma^{(l+1)}(x, x') = \\tfrac{\\sigma_w^2}{2}\\kappa_0(\\rho^{(l)})`, the derivative
+    kernel, the recursion of Jacot, Gabriel & Hongler (2018) is
+
+    .. math::
+
+        \\Theta^{(1)} = \\Sigma^{(1)}, \\qquad
+        \\Theta^{(l+1)} = \\Sigma^{(l+1)} + \\Theta^{(l)} \\dot\\Sigma^{(l+1)},
+
+    and the result is :math:`\\Theta^{(\\text{depth}+1)}`. The first term is the readout layer's
+    gradient, the second everything below it. For ``depth=1``, ``weight_std=1``, ``bias_std=0`` and
+    unit inputs with :math:`u = \\langle x, x' \\rangle` this is
+    :math:`(u\\,\\kappa_0(u) + \\kappa_1(u)) / (2d)`. Zero-variance inputs get 0, as in
+    :func:`relu_nngp`.
+
+    Returns:
+        Tensor of shape ``(n1, n2)`` in the dtype and on the device of ``x1``.
+
+    Introduced in chapter 3 (:doc:`/chapters/03_arccos_kernel`).
+    """
+    return _relu_recursion(x1, x2, depth, weight_std, bias_std)[1]
+
+
+def mc_relu_ntk(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte-Carlo estimate of ``relu_ntk(x1, x2, depth=1)`` and its standard error.
+
+    Draws ``num_samples`` weight vectors :math:`w_s \\sim \\mathcal N(0, I_d)` (shared by all
+    pairs) and averages
+
+    .. math::
+
+        t_s(x, x') = \\frac{1}{d}\\Big[\\mathrm{relu}(w_s\\cdot x)\\,\\mathrm{relu}(w_s\\cdot x')
+        + \\langle x, x'\\rangle\\, \\mathbf 1(w_s\\cdot x > 0)\\,\\mathbf 1(w_s\\cdot x' > 0)\\Big],
+
+    whose expectation is exactly :func:`relu_ntk` with ``depth=1``, ``weight_std=1``,
+    ``bias_std=0``; the :math:`1/d` is the NTK parameterisation's fan-in factor. It is the empirical
+    NTK of a width-``num_samples`` network with its readout weights' squares replaced by their mean 1.
+    The standard error is the sample standard deviation of :math:`t_s` over :math:`\\sqrt{S}`.
+    Vectorised: every sum over samples is a matrix product, taken in chunks of samples to bound
+    memory. A zero input gets estimate and standard error 0, matching :func:`relu_ntk`.
+
+    Args:
+        x1: inputs of shape ``(n1, d)``.
+        x2: inputs of shape ``(n2, d)``, same dtype and device as ``x1``.
+        num_samples: number :math:`S \\ge 2` of weight vectors.
+        generator: source of the weights; must live on the device of ``x1``.
+
+    Returns:
+        ``(estimate, standard_error)``, each of shape ``(n1, n2)`` in the dtype of ``x1``.
+
+    Introduced in chapter 3 (:doc:`/chapters/03_arccos_kernel`).
+    """
+    x1, x2 = _check_pair(x1, x2)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise TypeError(f"num_samples must be an int >= 2, got {type(num_samples).__name__} {num_samples!r}")
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 to estimate a standard error, got {num_samples}")
+    generator = _check_generator(generator)
+    if generator is not None and generator.device.type != x1.device.type:
+        raise ValueError(f"generator is on {generator.device} but x1 is on {x1.device}; they must match")
+    fan_in = x1.shape[1]
+    gram = x1 @ x2.T
+    total = torch.zeros_like(gram)
+    total_sq = torch.zeros_like(gram)
+    chunk = max(1, _MC_CHUNK_ELEMENTS // (x1.shape[0] + x2.shape[0]))
+    for start in range(0, num_samples, chunk):
+        w = torch.randn(
+            min(chunk, num_samples - start), fan_in, generator=generator, dtype=x1.dtype, device=x1.device
+        )
+        pre1, pre2 = x1 @ w.T, x2 @ w.T
+        act1, act2 = torch.relu(pre1), torch.relu(pre2)
+        on1, on2 = (pre1 > 0).to(x1.dtype), (pre2 > 0).to(x1.dtype)
+        act_prod = act1 @ act2.T
+        on_prod = on1 @ on2.T
+        total += act_prod + gram * on_prod
+        # t_s^2 expanded; relu(a) * 1(a > 0) = relu(a) turns the cross term into act_prod.
+        total_sq += (act1 * act1) @ (act2 * act2).T + 2 * gram * act_prod + gram * gram * on_prod
+    mean = total / num_samples
+    variance = (total_sq - num_samples * mean * mean).clamp_min(0.0) / (num_samples - 1)
+    return mean / fan_in, torch.sqrt(variance / num_samples) / fan_in
