@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ntkbook.kernels import kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
+from ntkbook.kernels import hadamard_nngp, hadamard_ntk, kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
 from ntkbook.ntk import empirical_ntk
 from ntkbook.training import DivergenceError, centered, critical_lr, linearize, ntk_predict, scaled, train
@@ -27,6 +27,8 @@ __all__ = [
     "default_device",
     "dense",
     "empirical_ntk",
+    "hadamard_nngp",
+    "hadamard_ntk",
     "kappa0",
     "kappa1",
     "linearize",

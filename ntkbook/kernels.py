@@ -250,3 +250,102 @@ def mc_relu_ntk(
     mean = total / num_samples
     variance = (total_sq - num_samples * mean * mean).clamp_min(0.0) / (num_samples - 1)
     return mean / fan_in, torch.sqrt(variance / num_samples) / fan_in
+
+
+# --- Hadamard-product networks: NNGP and NTK of one hidden layer relu(W1 x) * relu(W2 x) ---
+# The exact infinite-width limits of ``ntkbook.HadamardNet(..., parameterization="ntk")``.
+
+
+def _hadamard_terms(
+    x1: object, x2: object, weight_std: object, bias_std: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
+    """Branch covariance ``K``, ``E[relu relu]``, ``E[relu' relu']`` and the two variances ``sigma_w^2, sigma_b^2``."""
+    x1, x2 = _check_pair(x1, x2)
+    var_w = _check_std("weight_std", weight_std) ** 2
+    var_b = _check_std("bias_std", bias_std) ** 2
+    fan_in = x1.shape[1]
+    cross = var_w * (x1 @ x2.T) / fan_in + var_b
+    diag1 = var_w * (x1 * x1).sum(dim=1) / fan_in + var_b
+    diag2 = var_w * (x2 * x2).sum(dim=1) / fan_in + var_b
+    scale = torch.sqrt(diag1[:, None] * diag2[None, :])
+    # A branch pre-activation of variance 0 is identically 0: relu and relu' vanish there, so the
+    # cosine is arbitrary and 0 keeps every term finite (the terms it multiplies are 0).
+    positive = scale > 0
+    cosine = torch.where(positive, cross / torch.where(positive, scale, 1.0), 0.0)
+    return cross, 0.5 * scale * kappa1(cosine), 0.5 * kappa0(cosine), var_w, var_b
+
+
+def hadamard_nngp(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    *,
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+) -> torch.Tensor:
+    """Infinite-width NNGP covariance :math:`\\mathbb E[f(x) f(x')]` of a Hadamard-product network.
+
+    The network is ``HadamardNet(d, width, 1, parameterization="ntk", weight_std=sigma_w,
+    bias_std=sigma_b)`` as width goes to infinity,
+    :math:`f(x) = \\frac{\\sigma_w}{\\sqrt m} v^\\top [\\mathrm{relu}(h_1(x)) \\odot \\mathrm{relu}(h_2(x))]
+    + \\sigma_b b` with branches :math:`h_i(x) = \\frac{\\sigma_w}{\\sqrt d} W_i x + \\sigma_b b_i`
+    and every parameter standard normal. A unit of each branch is a Gaussian process with covariance
+    :math:`K(x, x') = \\sigma_w^2 \\langle x, x'\\rangle / d + \\sigma_b^2`; the two branches are
+    independent, so with :math:`\\rho = K(x,x')/\\sqrt{K(x,x)K(x',x')}` and
+
+    .. math::
+
+        \\Sigma(x, x') = \\mathbb E[\\mathrm{relu}(h(x))\\,\\mathrm{relu}(h(x'))]
+        = \\tfrac12 \\sqrt{K(x,x)K(x',x')}\\,\\kappa_1(\\rho),
+
+    the covariance is :math:`\\sigma_w^2 \\Sigma(x, x')^2 + \\sigma_b^2`: the square of the plain
+    network's hidden covariance. An input with :math:`K(x, x) = 0` (zero norm and no bias) makes the
+    network output identically zero and gets covariance 0 with every input.
+
+    Args:
+        x1: inputs of shape ``(n1, d)``, any norm.
+        x2: inputs of shape ``(n2, d)``, same dtype and device as ``x1`` (may be ``x1`` itself).
+        weight_std: :math:`\\sigma_w \\ge 0`, shared by both branches and the readout.
+        bias_std: :math:`\\sigma_b \\ge 0`, likewise shared.
+
+    Returns:
+        Tensor of shape ``(n1, n2)`` in the dtype and on the device of ``x1``.
+
+    Introduced in chapter 4 (:doc:`/chapters/04_hadamard`).
+    """
+    _, relu_cov, _, var_w, var_b = _hadamard_terms(x1, x2, weight_std, bias_std)
+    return var_w * relu_cov**2 + var_b
+
+
+def hadamard_ntk(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    *,
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+) -> torch.Tensor:
+    """Infinite-width NTK of a Hadamard-product network: the limit of ``empirical_ntk(HadamardNet(...))``.
+
+    Same network and arguments as :func:`hadamard_nngp`. With the derivative kernel
+    :math:`\\dot\\Sigma(x, x') = \\mathbb E[\\mathrm{relu}'(h(x))\\,\\mathrm{relu}'(h(x'))] =
+    \\tfrac12 \\kappa_0(\\rho)`, the gradient with respect to the readout gives the NNGP and the
+    gradient with respect to each branch gives the other branch's :math:`\\Sigma` times
+    :math:`\\dot\\Sigma K`, so
+
+    .. math::
+
+        \\Theta(x, x') = \\sigma_w^2 \\Sigma^2 + \\sigma_b^2 + 2 \\sigma_w^2\\, \\Sigma\\, \\dot\\Sigma\\, K,
+
+    against :math:`\\sigma_w^2 \\Sigma + \\sigma_b^2 + \\sigma_w^2 \\dot\\Sigma K` for the plain
+    network (:func:`relu_ntk` with ``depth=1``). For ``weight_std=1``, ``bias_std=0`` and inputs
+    of norms :math:`r, r'` at cosine :math:`u` this is
+    :math:`\\frac{(r r')^2}{4 d^2}\\,[\\kappa_1(u)^2 + 2u\\,\\kappa_0(u)\\kappa_1(u)]`, homogeneous of
+    degree 2 in each input (degree 1 for the plain network). Zero-variance inputs get 0, as in
+    :func:`hadamard_nngp`.
+
+    Returns:
+        Tensor of shape ``(n1, n2)`` in the dtype and on the device of ``x1``.
+
+    Introduced in chapter 4 (:doc:`/chapters/04_hadamard`).
+    """
+    cross, relu_cov, derivative_cov, var_w, var_b = _hadamard_terms(x1, x2, weight_std, bias_std)
+    return var_w * relu_cov**2 + var_b + 2 * var_w * relu_cov * derivative_cov * cross
