@@ -10,7 +10,7 @@ import jupytext
 import nbformat
 import yaml
 
-from conftest import CHAPTERS, ROOT, chapter_sources
+from conftest import CHAPTERS, ROOT, chapter_sources, toc_files
 
 BOOTSTRAP_MARKER = "# Colab bootstrap: install ntkbook when it is not importable"
 # torch.* and numpy.random.* functions that draw random numbers.
@@ -43,19 +43,6 @@ def test_ipynb_has_no_outputs(chapter: Path) -> None:
     for cell in paired.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{chapter.stem}.ipynb has committed outputs"
-
-
-def toc_files() -> list[str]:
-    def walk(node: object) -> list[str]:
-        if isinstance(node, dict):
-            found = [node["file"]] if "file" in node else []
-            return found + [f for value in node.values() for f in walk(value)]
-        if isinstance(node, list):
-            return [f for item in node for f in walk(item)]
-        return []
-
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    return [toc["root"]] + walk(toc)
 
 
 def test_chapter_is_in_the_toc(chapter: Path) -> None:
