@@ -134,10 +134,11 @@ def relu_nngp(
     (zero norm and ``bias_std = 0``) makes the network output identically zero, and gets covariance
     0 with every input: the continuous extension of the formula.
 
-    Accuracy: :math:`\\kappa_0` and the two terms of :math:`\\kappa_1` have infinite slope at
-    :math:`\\rho = \\pm 1`, so a rounding error :math:`\\varepsilon` in a cosine becomes an error of
-    order :math:`\\sqrt{\\varepsilon}` in the kernel, even for identical inputs: about :math:`10^{-8}`
-    relative in float64 and :math:`10^{-4}` in float32. Use float64 to compare kernels closely.
+    Accuracy: :math:`\\kappa_0` has infinite slope at :math:`\\rho = \\pm 1`, so a rounding error
+    :math:`\\varepsilon` in a cosine becomes an error of order :math:`\\sqrt{\\varepsilon}` in
+    :func:`relu_ntk`, even for identical inputs: about :math:`10^{-8}` relative in float64 and
+    :math:`10^{-4}` in float32. Use float64 to compare NTKs closely. The NNGP needs only
+    :math:`\\kappa_1`, whose slope :math:`\\kappa_0` is bounded, and keeps full accuracy.
 
     Args:
         x1: inputs of shape ``(n1, d)``, any norm.
