@@ -114,10 +114,6 @@ def _targets_like(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y.reshape(out.shape)
 
 
-def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -164,8 +160,8 @@ def train(
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
 
-    theta0 = _flat(params)
-    initial_norm = float(torch.linalg.vector_norm(theta0))
+    theta0 = [p.detach().clone() for p in params]
+    initial_norm = math.sqrt(sum(float((p0**2).sum()) for p0 in theta0))
     losses: list[float] = []
     changes: list[float] = []
     kernels: dict[int, torch.Tensor] = {}
@@ -188,7 +184,9 @@ def train(
                 history,
             )
         losses.append(float(mse.detach()))
-        changes.append(float(torch.linalg.vector_norm(_flat(params) - theta0)) / initial_norm)
+        with torch.no_grad():
+            distance = math.sqrt(sum(float(((p - p0) ** 2).sum()) for p, p0 in zip(params, theta0)))
+        changes.append(distance / initial_norm)
         if step == steps:
             break
         grads = torch.autograd.grad(mse / alpha**2, params, allow_unused=True)
