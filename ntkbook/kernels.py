@@ -30,8 +30,8 @@ def _as_cosine(u: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"u must be a torch.Tensor of cosines, got {type(u).__name__}")
     if not u.is_floating_point():
         raise TypeError(f"u must have a floating dtype, got {u.dtype}")
-    if torch.isnan(u).any():
-        raise ValueError("u contains NaN")
+    if not torch.isfinite(u).all():
+        raise ValueError("u contains NaN or infinite values; cosines lie in [-1, 1]")
     # Cosines computed in floating point can leave [-1, 1] by a rounding error; arccos would give NaN.
     return u.clamp(-1.0, 1.0)
 

@@ -49,6 +49,12 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def _check_dims(**dims: object) -> None:
+    """Check each size by the caller's own argument name (``dense`` would report ``in_features``)."""
+    for name, value in dims.items():
+        _check_positive_int(name, value)
+
+
 def _check_std(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__} {value!r}")
@@ -169,6 +175,7 @@ class TwoLayerNet(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        _check_dims(input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim)
         kwargs = dict(
             parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator
         )
@@ -199,6 +206,7 @@ class HadamardNet(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        _check_dims(input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim)
         kwargs = dict(
             parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator
         )
@@ -228,7 +236,7 @@ def mlp(
     and a linear readout; maps ``(n, input_dim)`` to ``(n, output_dim)``. Every layer, readout
     included, uses the same ``parameterization``, ``weight_std`` and ``bias_std`` (see :func:`dense`).
         """
-    _check_positive_int("depth", depth)
+    _check_dims(input_dim=input_dim, width=width, depth=depth, output_dim=output_dim)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
     kwargs = dict(parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator)

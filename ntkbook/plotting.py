@@ -63,8 +63,10 @@ def plot_kernel(
     Returns the image so callers can adjust it.
     """
     matrix = _as_numpy(kernel, "kernel")
-    if matrix.ndim != 2:
-        raise ValueError(f"kernel must be a 2-d (n1, n2) matrix, got shape {matrix.shape}")
+    if matrix.ndim != 2 or matrix.size == 0:
+        raise ValueError(f"kernel must be a 2-d (n1, n2) matrix with n1, n2 >= 1, got shape {matrix.shape}")
+    if not np.isfinite(matrix).all():
+        raise ValueError("kernel contains NaN or infinite values, which a heat map would show as blanks")
     ax = plt.gca() if ax is None else ax
     limits = {}
     if symmetric_colors:
@@ -77,14 +79,25 @@ def plot_kernel(
     return image
 
 
-def loglog_slope(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Least-squares slope of :math:`\\log y` against :math:`\\log x`: the exponent :math:`p` in :math:`y \\approx c x^p`."""
-    xs = np.asarray(x, dtype=float)
-    ys = np.asarray(y, dtype=float)
+def _loglog_data(x: object, y: object) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` as float arrays fit for log-log axes: 1-d, one length >= 2, finite and positive."""
+    try:
+        xs = np.asarray(x, dtype=float)
+        ys = np.asarray(y, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"x and y must be sequences of numbers, got {type(x).__name__} and {type(y).__name__}") from None
     if xs.shape != ys.shape or xs.ndim != 1 or xs.size < 2:
         raise ValueError(f"x and y must be 1-d with the same length >= 2, got shapes {xs.shape} and {ys.shape}")
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        raise ValueError("x and y must be finite to fit a slope on log-log axes")
     if (xs <= 0).any() or (ys <= 0).any():
         raise ValueError("x and y must be positive to fit a slope on log-log axes")
+    return xs, ys
+
+
+def loglog_slope(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Least-squares slope of :math:`\\log y` against :math:`\\log x`: the exponent :math:`p` in :math:`y \\approx c x^p`."""
+    xs, ys = _loglog_data(x, y)
     slope, _ = np.polyfit(np.log(xs), np.log(ys), 1)
     return float(slope)
 
@@ -98,8 +111,11 @@ def add_reference_slope(
     label: str | None = None,
 ) -> None:
     """Draw a dashed line of the given log-log ``slope`` through the geometric mean of the data ``(x, y)``."""
-    xs = np.asarray(x, dtype=float)
-    ys = np.asarray(y, dtype=float)
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not np.isfinite(slope):
+        raise ValueError(f"slope must be a finite number, got {slope!r}")
+    xs, ys = _loglog_data(x, y)
     x0, y0 = np.exp(np.log(xs).mean()), np.exp(np.log(ys).mean())
     grid = np.array([xs.min(), xs.max()])
     ax.plot(grid, y0 * (grid / x0) ** slope, "k--", linewidth=1.0, label=label or f"slope {slope:g}")

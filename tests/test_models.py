@@ -85,8 +85,8 @@ def test_mlp_forward_preactivation_variance_is_weight_std_squared() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"width": 0}, ValueError, "in_features|out_features"),
-        ({"width": 2.5}, TypeError, "out_features"),
+        ({"width": 0}, ValueError, "width"),
+        ({"width": 2.5}, TypeError, "width"),
         ({"depth": 0}, ValueError, "depth"),
         ({"weight_std": -1.0}, ValueError, "weight_std"),
         ({"bias_std": float("nan")}, ValueError, "bias_std"),

@@ -1,0 +1,466 @@
+"""Robustness of ntkbook: kernel properties under random inputs (hypothesis), and bad input to every
+public function refused with a ValueError or TypeError that names the argument.
+
+The property tests are derandomised (the same examples every run) and small, so the file runs in
+seconds. The NTK engine's own tests cover method agreement and chunking; here the kernels are checked
+against their definitions: symmetric, positive semi-definite, and equal to a Monte Carlo average of
+the definition with a standard error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import ntkbook  # noqa: E402
+from ntkbook import kernels, models, ntk, plotting, training  # noqa: E402
+
+PROPERTIES = settings(derandomize=True, max_examples=15, deadline=None, database=None)
+
+
+# --- properties --------------------------------------------------------------------------------
+
+
+@st.composite
+def batches(draw: st.DrawFn, max_n: int = 6, max_d: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float64 batches ``(n1, d)`` and ``(n2, d)`` from one seed; some rows scaled to zero or far out."""
+    n1, n2 = draw(st.integers(1, max_n)), draw(st.integers(1, max_n))
+    d = draw(st.integers(1, max_d))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(n1 + n2, d, generator=gen, dtype=torch.float64)
+    scales = torch.tensor(draw(st.lists(st.sampled_from([0.0, 0.1, 1.0, 10.0]), min_size=n1 + n2, max_size=n1 + n2)),
+                          dtype=torch.float64)
+    x = x * scales[:, None]
+    return x[:n1], x[n1:]
+
+
+stds = st.sampled_from([0.5, 1.0, 1.7])
+bias_stds = st.sampled_from([0.0, 0.3, 1.0])
+ANALYTIC = {
+    "relu_nngp": lambda a, b, w, s: kernels.relu_nngp(a, b, 1, weight_std=w, bias_std=s),
+    "relu_ntk": lambda a, b, w, s: kernels.relu_ntk(a, b, 1, weight_std=w, bias_std=s),
+    "relu_ntk depth 3": lambda a, b, w, s: kernels.relu_ntk(a, b, 3, weight_std=w, bias_std=s),
+    "hadamard_nngp": lambda a, b, w, s: kernels.hadamard_nngp(a, b, weight_std=w, bias_std=s),
+    "hadamard_ntk": lambda a, b, w, s: kernels.hadamard_ntk(a, b, weight_std=w, bias_std=s),
+}
+
+
+def assert_psd(k: torch.Tensor, what: str) -> None:
+    """Symmetric and positive semi-definite in float64: eigenvalues >= -1e-10 * the largest (rounding)."""
+    scale = float(k.abs().max())
+    assert float((k - k.T).abs().max()) <= 1e-12 * max(scale, 1e-300), f"{what} is not symmetric"
+    eigenvalues = torch.linalg.eigvalsh(k)
+    assert float(eigenvalues.min()) >= -1e-10 * max(float(eigenvalues.max()), 1e-300), (
+        f"{what} is not PSD: eigenvalues {eigenvalues.tolist()}"
+    )
+
+
+@pytest.mark.parametrize("name", ANALYTIC)
+@PROPERTIES
+@given(pair=batches(), weight_std=stds, bias_std=bias_stds)
+def test_analytic_kernels_are_symmetric_and_psd(name: str, pair, weight_std: float, bias_std: float) -> None:
+    x1, x2 = pair
+    kernel = ANALYTIC[name]
+    x = torch.cat([x1, x2])
+    assert_psd(kernel(x, x, weight_std, bias_std), name)
+    # Swapping the arguments transposes the kernel (up to rounding in the recursion).
+    cross, swapped = kernel(x1, x2, weight_std, bias_std), kernel(x2, x1, weight_std, bias_std)
+    assert cross.shape == (x1.shape[0], x2.shape[0])
+    torch.testing.assert_close(cross, swapped.T, rtol=1e-12, atol=1e-14)
+
+
+@PROPERTIES
+@given(pair=batches())
+def test_arc_cosine_kernels_of_unit_vectors_are_psd_and_bounded(pair) -> None:
+    x = torch.cat(pair)
+    norms = x.norm(dim=1, keepdim=True)
+    unit = x[norms[:, 0] > 0] / norms[norms[:, 0] > 0]
+    if unit.shape[0] == 0:
+        return
+    cosines = unit @ unit.T
+    for kappa in (kernels.kappa0, kernels.kappa1):
+        k = kappa(cosines)
+        assert float(k.min()) >= 0.0 and float(k.max()) <= 1.0 + 1e-12, f"{kappa.__name__} leaves [0, 1]"
+        assert_psd(k, kappa.__name__)
+        torch.testing.assert_close(k.diagonal(), torch.ones(len(k), dtype=k.dtype))
+
+
+@st.composite
+def small_networks(draw: st.DrawFn) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A random small float64 network of any of the book's kinds, and a batch for it."""
+    d = draw(st.integers(1, 4))
+    width = draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind = draw(st.sampled_from(["mlp", "two-layer", "hadamard"]))
+    parameterization = draw(st.sampled_from(["ntk", "standard"]))
+    options = {} if parameterization == "standard" else {"bias_std": draw(bias_stds), "weight_std": draw(stds)}
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        activation = draw(st.sampled_from(["relu", "tanh", "erf", "identity"]))
+        net = models.mlp(d, width, draw(st.integers(1, 3)), parameterization=parameterization,
+                         activation=activation, generator=gen, **options)
+    elif kind == "two-layer":
+        net = models.TwoLayerNet(d, width, 1, parameterization=parameterization, generator=gen, **options)
+    else:
+        net = models.HadamardNet(d, width, 1, parameterization=parameterization, generator=gen, **options)
+    x = torch.randn(draw(st.integers(1, 7)), d, generator=gen, dtype=torch.float64)
+    return net.double(), x
+
+
+@PROPERTIES
+@given(case=small_networks())
+def test_empirical_ntk_is_symmetric_psd_with_the_gradient_norms_on_its_diagonal(case) -> None:
+    net, x = case
+    kernel = ntkbook.empirical_ntk(net, x)
+    assert kernel.shape == (x.shape[0], x.shape[0]) and kernel.dtype == torch.float64
+    assert_psd(kernel, "empirical_ntk")
+    # The diagonal is |df(x_i)/dtheta|^2, from one backward pass per input, independent of the engine.
+    norms = []
+    for xi in x:
+        grads = torch.autograd.grad(net(xi[None]).sum(), [p for p in net.parameters()], allow_unused=True)
+        norms.append(sum(float((g**2).sum()) for g in grads if g is not None))
+    torch.testing.assert_close(kernel.diagonal(), torch.tensor(norms, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def monte_carlo_one_layer(
+    x1: torch.Tensor, x2: torch.Tensor, weight_std: float, bias_std: float, kind: str, samples: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definitions, averaged over hidden units drawn at random: mean and standard error ``(n1, n2)``.
+
+    One hidden unit of a width-m layer in the NTK parameterisation has pre-activation
+    h(x) = s_w w.x / sqrt(d) + s_b b with w, b standard normal. Summed over m units and divided by m
+    (the readout's 1/sqrt(m), squared), the NNGP and the NTK are averages over units of
+      plain:    NNGP t = s_w^2 relu(h)relu(h') + s_b^2,
+                NTK  t = NNGP t + s_w^2 K 1(h>0)1(h'>0),
+      Hadamard: NNGP t = s_w^2 a a' + s_b^2 with a = relu(h1) relu(h2) (two independent units),
+                NTK  t = NNGP t + s_w^2 K [relu(h2)relu(h2') 1(h1>0)1(h1'>0) + (1 <-> 2)],
+    where K = s_w^2 x.x'/d + s_b^2 comes from the unit's own weights and bias, and E[v^2] = 1 for its
+    readout weight. Their expectations are the infinite-width kernels.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    d = x1.shape[1]
+    k = weight_std**2 * (x1 @ x2.T) / d + bias_std**2
+
+    def unit() -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.randn(samples, d, generator=gen, dtype=x1.dtype)
+        b = torch.randn(samples, generator=gen, dtype=x1.dtype)
+        return (weight_std * x1 @ w.T / math.sqrt(d) + bias_std * b, weight_std * x2 @ w.T / math.sqrt(d) + bias_std * b)
+
+    h1, h1p = unit()
+    relu, on = torch.relu, lambda h: (h > 0).to(h.dtype)
+    if kind.startswith("relu"):
+        t = weight_std**2 * relu(h1)[:, None, :] * relu(h1p)[None, :, :] + bias_std**2
+        if kind == "relu_ntk":
+            t = t + weight_std**2 * k[:, :, None] * on(h1)[:, None, :] * on(h1p)[None, :, :]
+    else:
+        h2, h2p = unit()
+        a, ap = relu(h1) * relu(h2), relu(h1p) * relu(h2p)
+        t = weight_std**2 * a[:, None, :] * ap[None, :, :] + bias_std**2
+        if kind == "hadamard_ntk":
+            branch = (relu(h2)[:, None, :] * relu(h2p)[None, :, :] * on(h1)[:, None, :] * on(h1p)[None, :, :]
+                      + relu(h1)[:, None, :] * relu(h1p)[None, :, :] * on(h2)[:, None, :] * on(h2p)[None, :, :])
+            t = t + weight_std**2 * k[:, :, None] * branch
+    return t.mean(dim=2), t.std(dim=2) / math.sqrt(samples)
+
+
+@pytest.mark.parametrize("name", ["relu_nngp", "relu_ntk", "hadamard_nngp", "hadamard_ntk"])
+@settings(derandomize=True, max_examples=8, deadline=None, database=None)
+@given(pair=batches(max_n=4, max_d=4), weight_std=stds, bias_std=bias_stds, seed=st.integers(0, 2**31 - 1))
+def test_analytic_kernels_equal_a_monte_carlo_average_of_their_definition(
+    name: str, pair, weight_std: float, bias_std: float, seed: int
+) -> None:
+    x1, x2 = pair
+    estimate, standard_error = monte_carlo_one_layer(x1, x2, weight_std, bias_std, name, 100_000, seed)
+    exact = ANALYTIC[name](x1, x2, weight_std, bias_std)
+    # 6 standard errors: with at most 16 entries per example, a false alarm has probability ~1e-8.
+    # Plus rounding in the analytic kernel, relative to the entry's Cauchy-Schwarz scale
+    # sqrt(K(x,x) K(x',x')): near cosines of +-1, kappa0(u) = 1 - arccos(u)/pi has an infinite slope,
+    # so a rounding error of 1e-16 in u moves it by sqrt(2e-16)/pi ~ 5e-9; 1e-7 covers that. It also
+    # covers entries whose samples are all equal (zero inputs without bias), where the error is 0.
+    scale = torch.sqrt(ANALYTIC[name](x1, x1, weight_std, bias_std).diagonal()[:, None]
+                       * ANALYTIC[name](x2, x2, weight_std, bias_std).diagonal()[None, :])
+    gap = (estimate - exact).abs()
+    assert bool((gap <= 6 * standard_error + 1e-7 * scale).all()), (
+        f"{name}: analytic {exact.tolist()}\nMonte Carlo {estimate.tolist()} ± {standard_error.tolist()}"
+    )
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One call that must fail: ``call()`` raises ``error`` with ``argument`` in its message."""
+
+    function: str
+    case: str
+    call: Callable[[], object]
+    error: type[Exception]
+    argument: str
+
+
+def _net() -> torch.nn.Module:
+    return models.mlp(3, 8, 1, generator=torch.Generator().manual_seed(0))
+
+
+def _x(n: int = 4, d: int = 3, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+def _with(value: float, n: int = 4, d: int = 3) -> torch.Tensor:
+    x = _x(n, d)
+    x[1, 1] = value
+    return x
+
+
+def _frozen() -> torch.nn.Module:
+    net = _net()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+META = torch.device("meta")  # a device other than the model's, on any machine
+NAN, INF = float("nan"), float("inf")
+
+
+def _ntk_cases(name: str, f: Callable[..., object], **kw: object) -> list[Bad]:
+    return [
+        Bad(name, "model is not a Module", lambda: f("net", _x(), **kw), TypeError, "model"),
+        Bad(name, "no trainable parameters", lambda: f(_frozen(), _x(), **kw), ValueError, "model"),
+        Bad(name, "x1 is a list", lambda: f(_net(), [[0.0, 1.0, 2.0]], **kw), TypeError, "x1"),
+        Bad(name, "x1 wrong trailing shape", lambda: f(_net(), _x(4, 5), **kw), ValueError, "x1"),
+        Bad(name, "x1 integer dtype", lambda: f(_net(), torch.ones(4, 3, dtype=torch.int64), **kw), TypeError, "x1"),
+        Bad(name, "x1 float64, model float32", lambda: f(_net(), _x(dtype=torch.float64), **kw), TypeError, "x1"),
+        Bad(name, "x1 empty", lambda: f(_net(), _x(0), **kw), ValueError, "x1"),
+        Bad(name, "x1 NaN", lambda: f(_net(), _with(NAN), **kw), ValueError, "x1"),
+        Bad(name, "x1 inf", lambda: f(_net(), _with(INF), **kw), ValueError, "x1"),
+        Bad(name, "x1 on another device", lambda: f(_net(), _x().to(META), **kw), ValueError, "x1"),
+        Bad(name, "x2 wrong trailing shape", lambda: f(_net(), _x(), _x(2, 4), **kw), ValueError, "x2"),
+        Bad(name, "x2 on another device", lambda: f(_net(), _x(), _x(2).to(META), **kw), ValueError, "x2"),
+        Bad(name, "x2 -inf", lambda: f(_net(), _x(), _with(-INF, 2), **kw), ValueError, "x2"),
+        Bad(name, "unknown mode", lambda: f(_net(), _x(), mode="diag", **kw), ValueError, "mode"),
+        Bad(name, "chunk_size 0", lambda: f(_net(), _x(), chunk_size=0, **kw), ValueError, "chunk_size"),
+        Bad(name, "chunk_size float", lambda: f(_net(), _x(), chunk_size=1.5, **kw), TypeError, "chunk_size"),
+    ]
+
+
+def _pair_cases(name: str, f: Callable[..., object]) -> list[Bad]:
+    """Cases for the analytic kernels ``f(x1, x2)`` of batches ``(n, d)``."""
+    return [
+        Bad(name, "x1 is a list", lambda: f([[1.0, 2.0]], _x()), TypeError, "x1"),
+        Bad(name, "x1 integer dtype", lambda: f(torch.ones(2, 3, dtype=torch.int64), _x()), TypeError, "x1"),
+        Bad(name, "x1 one-dimensional", lambda: f(_x()[0], _x()), ValueError, "x1"),
+        Bad(name, "x1 empty", lambda: f(_x(0), _x()), ValueError, "x1"),
+        Bad(name, "x1 NaN", lambda: f(_with(NAN), _x()), ValueError, "x1"),
+        Bad(name, "x2 inf", lambda: f(_x(), _with(INF)), ValueError, "x2"),
+        Bad(name, "x2 other dimension", lambda: f(_x(), _x(2, 4)), ValueError, "x2"),
+        Bad(name, "x2 other dtype", lambda: f(_x(), _x(dtype=torch.float64)), TypeError, "x2"),
+        Bad(name, "x2 on another device", lambda: f(_x(), _x().to(META)), ValueError, "x2"),
+    ]
+
+
+def _std_cases(name: str, f: Callable[..., object]) -> list[Bad]:
+    return [
+        Bad(name, "weight_std negative", lambda: f(_x(), _x(), weight_std=-1.0), ValueError, "weight_std"),
+        Bad(name, "bias_std NaN", lambda: f(_x(), _x(), bias_std=NAN), ValueError, "bias_std"),
+        Bad(name, "weight_std a string", lambda: f(_x(), _x(), weight_std="1"), TypeError, "weight_std"),
+    ]
+
+
+def _kappa_cases(name: str, f: Callable[..., object]) -> list[Bad]:
+    return [
+        Bad(name, "u is a list", lambda: f([0.5]), TypeError, "u"),
+        Bad(name, "u integer dtype", lambda: f(torch.ones(3, dtype=torch.int64)), TypeError, "u"),
+        Bad(name, "u NaN", lambda: f(torch.tensor([0.5, NAN])), ValueError, "u"),
+        Bad(name, "u inf", lambda: f(torch.tensor([0.5, INF])), ValueError, "u"),
+    ]
+
+
+def _model_cases(name: str, f: Callable[..., object], first: str) -> list[Bad]:
+    """Constructors ``f(input_dim, hidden_dim, ...)`` whose first argument is called ``first``."""
+    return [
+        Bad(name, f"{first} 0", lambda: f(0, 4), ValueError, first),
+        Bad(name, f"{first} a float", lambda: f(2.0, 4), TypeError, first),
+        Bad(name, "weight_std negative", lambda: f(2, 4, weight_std=-1.0), ValueError, "weight_std"),
+        Bad(name, "bias_std inf", lambda: f(2, 4, bias_std=INF), ValueError, "bias_std"),
+        Bad(name, "generator is a seed", lambda: f(2, 4, generator=0), TypeError, "generator"),
+        Bad(name, "unknown parameterization", lambda: f(2, 4, parameterization="mup"), ValueError, "parameterization"),
+    ]
+
+
+def _axes() -> object:
+    return plt.figure().add_subplot()
+
+
+BAD_INPUT: list[Bad] = [
+    *_ntk_cases("ntk.empirical_ntk", ntk.empirical_ntk),
+    Bad("ntk.empirical_ntk", "unknown method", lambda: ntk.empirical_ntk(_net(), _x(), method="fast"), ValueError, "method"),
+    *_ntk_cases("ntk.memory_estimate", ntk.memory_estimate, method="jacobian"),
+    Bad("ntk.memory_estimate", "method auto", lambda: ntk.memory_estimate(_net(), _x(), method="auto"), ValueError, "method"),
+    *_kappa_cases("kernels.kappa0", kernels.kappa0),
+    *_kappa_cases("kernels.kappa1", kernels.kappa1),
+    *_pair_cases("kernels.relu_nngp", kernels.relu_nngp),
+    *_std_cases("kernels.relu_nngp", kernels.relu_nngp),
+    Bad("kernels.relu_nngp", "depth 0", lambda: kernels.relu_nngp(_x(), _x(), 0), ValueError, "depth"),
+    *_pair_cases("kernels.relu_ntk", kernels.relu_ntk),
+    *_std_cases("kernels.relu_ntk", kernels.relu_ntk),
+    Bad("kernels.relu_ntk", "depth a float", lambda: kernels.relu_ntk(_x(), _x(), 1.5), TypeError, "depth"),
+    *_pair_cases("kernels.mc_relu_ntk", lambda a, b: kernels.mc_relu_ntk(a, b, 10)),
+    Bad("kernels.mc_relu_ntk", "num_samples 1", lambda: kernels.mc_relu_ntk(_x(), _x(), 1), ValueError, "num_samples"),
+    Bad("kernels.mc_relu_ntk", "num_samples a float", lambda: kernels.mc_relu_ntk(_x(), _x(), 1e4), TypeError, "num_samples"),
+    Bad("kernels.mc_relu_ntk", "generator is a seed", lambda: kernels.mc_relu_ntk(_x(), _x(), 10, generator=0), TypeError, "generator"),
+    *_pair_cases("kernels.hadamard_nngp", kernels.hadamard_nngp),
+    *_std_cases("kernels.hadamard_nngp", kernels.hadamard_nngp),
+    *_pair_cases("kernels.hadamard_ntk", kernels.hadamard_ntk),
+    *_std_cases("kernels.hadamard_ntk", kernels.hadamard_ntk),
+    *_model_cases("models.NTKLinear", lambda a, b, parameterization="ntk", **kw: (
+        models.NTKLinear(a, b, **kw) if parameterization == "ntk" else models.dense(a, b, parameterization=parameterization)
+    ), "in_features"),
+    Bad("models.NTKLinear", "out_features -1", lambda: models.NTKLinear(2, -1), ValueError, "out_features"),
+    *_model_cases("models.dense", models.dense, "in_features"),
+    Bad("models.dense", "standard with weight_std", lambda: models.dense(2, 3, parameterization="standard", weight_std=2.0),
+        ValueError, "weight_std"),
+    *_model_cases("models.TwoLayerNet", models.TwoLayerNet, "input_dim"),
+    Bad("models.TwoLayerNet", "hidden_dim 0", lambda: models.TwoLayerNet(2, 0), ValueError, "hidden_dim"),
+    *_model_cases("models.HadamardNet", models.HadamardNet, "input_dim"),
+    Bad("models.HadamardNet", "output_dim 0", lambda: models.HadamardNet(2, 3, 0), ValueError, "output_dim"),
+    *_model_cases("models.mlp", lambda a, b, **kw: models.mlp(a, b, 2, **kw), "input_dim"),
+    Bad("models.mlp", "width 0", lambda: models.mlp(2, 0, 2), ValueError, "width"),
+    Bad("models.mlp", "depth 0", lambda: models.mlp(2, 4, 0), ValueError, "depth"),
+    Bad("models.mlp", "unknown activation", lambda: models.mlp(2, 4, 1, activation="gelu"), ValueError, "activation"),
+    Bad("plotting.plot_kernel", "kernel is a list", lambda: plotting.plot_kernel([[1.0]], ax=_axes()), TypeError, "kernel"),
+    Bad("plotting.plot_kernel", "kernel one-dimensional", lambda: plotting.plot_kernel(torch.ones(3), ax=_axes()), ValueError, "kernel"),
+    Bad("plotting.plot_kernel", "kernel empty", lambda: plotting.plot_kernel(torch.ones(0, 3), ax=_axes()), ValueError, "kernel"),
+    Bad("plotting.plot_kernel", "kernel NaN", lambda: plotting.plot_kernel(torch.tensor([[1.0, NAN]]), ax=_axes()), ValueError, "kernel"),
+    Bad("plotting.loglog_slope", "lengths differ", lambda: plotting.loglog_slope([1, 2, 3], [1, 2]), ValueError, "x and y"),
+    Bad("plotting.loglog_slope", "one point", lambda: plotting.loglog_slope([1], [1]), ValueError, "x and y"),
+    Bad("plotting.loglog_slope", "a zero", lambda: plotting.loglog_slope([0, 1], [1, 2]), ValueError, "x and y"),
+    Bad("plotting.loglog_slope", "NaN", lambda: plotting.loglog_slope([1, 2], [1, NAN]), ValueError, "x and y"),
+    Bad("plotting.loglog_slope", "inf", lambda: plotting.loglog_slope([1, INF], [1, 2]), ValueError, "x and y"),
+    Bad("plotting.loglog_slope", "strings", lambda: plotting.loglog_slope(["a", "b"], [1, 2]), TypeError, "x"),
+    Bad("plotting.add_reference_slope", "lengths differ", lambda: plotting.add_reference_slope(_axes(), [1, 2], [1], 1.0),
+        ValueError, "x and y"),
+    Bad("plotting.add_reference_slope", "negative x", lambda: plotting.add_reference_slope(_axes(), [-1, 2], [1, 2], 1.0),
+        ValueError, "x and y"),
+    Bad("plotting.add_reference_slope", "NaN slope", lambda: plotting.add_reference_slope(_axes(), [1, 2], [1, 2], NAN),
+        ValueError, "slope"),
+    Bad("plotting.add_reference_slope", "ax is not Axes", lambda: plotting.add_reference_slope(None, [1, 2], [1, 2], 1.0),
+        TypeError, "ax"),
+]
+
+def _y(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(2))
+
+
+def _train(**overrides: object) -> object:
+    args = {"model": _net(), "x": _x(), "y": _y(), "steps": 2, "lr": 0.1, "progress": False} | overrides
+    return training.train(**args)
+
+
+def _gram() -> torch.Tensor:
+    x = _x(4, 3, torch.float64)
+    return x @ x.T + torch.eye(4, dtype=torch.float64)
+
+
+def _predict(**overrides: object) -> object:
+    args = {"kernel": _gram(), "f0": _y().double(), "y": _y().double(), "lr": 0.1, "steps": 3} | overrides
+    return training.ntk_predict(**args)
+
+
+def _wrapper_cases(name: str, f: Callable[[object], object]) -> list[Bad]:
+    return [
+        Bad(name, "model is not a Module", lambda: f("net"), TypeError, "model"),
+        Bad(name, "no trainable parameters", lambda: f(_frozen()), ValueError, "model"),
+    ]
+
+
+TRAINING_CASES: list[Bad] = [
+    Bad("training.train", "model is not a Module", lambda: _train(model=lambda x: x), TypeError, "model"),
+    Bad("training.train", "no trainable parameters", lambda: _train(model=_frozen()), ValueError, "model"),
+    Bad("training.train", "x integer dtype", lambda: _train(x=torch.ones(4, 3, dtype=torch.int64)), TypeError, "x"),
+    Bad("training.train", "x empty", lambda: _train(x=_x(0), y=_y(0)), ValueError, "x"),
+    Bad("training.train", "x NaN", lambda: _train(x=_with(NAN)), ValueError, "x"),
+    Bad("training.train", "x on another device", lambda: _train(x=_x().to(META)), ValueError, "x"),
+    Bad("training.train", "y wrong length", lambda: _train(y=_y(3)), ValueError, "y"),
+    Bad("training.train", "y inf", lambda: _train(y=torch.tensor([1.0, INF, 0.0, 0.0])), ValueError, "y"),
+    Bad("training.train", "y float64", lambda: _train(y=_y().double()), TypeError, "y"),
+    Bad("training.train", "steps 0", lambda: _train(steps=0), ValueError, "steps"),
+    Bad("training.train", "steps a float", lambda: _train(steps=2.0), TypeError, "steps"),
+    Bad("training.train", "lr negative", lambda: _train(lr=-0.1), ValueError, "lr"),
+    Bad("training.train", "lr NaN", lambda: _train(lr=NAN), ValueError, "lr"),
+    Bad("training.train", "alpha 0", lambda: _train(alpha=0.0), ValueError, "alpha"),
+    Bad("training.train", "ntk_every 0", lambda: _train(ntk_every=0), ValueError, "ntk_every"),
+    *_wrapper_cases("training.linearize", training.linearize),
+    *_wrapper_cases("training.Linearized", training.Linearized),
+    *_wrapper_cases("training.centered", training.centered),
+    *_wrapper_cases("training.Centered", training.Centered),
+    *_wrapper_cases("training.scaled", lambda m: training.scaled(m, 2.0)),
+    Bad("training.scaled", "alpha 0", lambda: training.scaled(_net(), 0.0), ValueError, "alpha"),
+    Bad("training.scaled", "alpha inf", lambda: training.scaled(_net(), INF), ValueError, "alpha"),
+    *_wrapper_cases("training.Scaled", lambda m: training.Scaled(m, 2.0)),
+    Bad("training.Scaled", "alpha a string", lambda: training.Scaled(_net(), "2"), TypeError, "alpha"),
+    Bad("training.ntk_predict", "kernel not square", lambda: _predict(kernel=_gram()[:3]), ValueError, "kernel"),
+    Bad("training.ntk_predict", "kernel a list", lambda: _predict(kernel=[[1.0]]), TypeError, "kernel"),
+    Bad("training.ntk_predict", "kernel empty", lambda: _predict(kernel=torch.ones(0, 0, dtype=torch.float64),
+                                                                f0=_y(0).double(), y=_y(0).double()), ValueError, "kernel"),
+    Bad("training.ntk_predict", "f0 wrong length", lambda: _predict(f0=_y(3).double()), ValueError, "f0"),
+    Bad("training.ntk_predict", "f0 float32", lambda: _predict(f0=_y()), TypeError, "f0"),
+    Bad("training.ntk_predict", "y on another device", lambda: _predict(y=_y().double().to(META)), TypeError, "y"),
+    Bad("training.ntk_predict", "lr 0", lambda: _predict(lr=0.0), ValueError, "lr"),
+    Bad("training.ntk_predict", "steps negative", lambda: _predict(steps=-1), ValueError, "steps"),
+    Bad("training.ntk_predict", "kernel_test without f0_test", lambda: _predict(kernel_test=_gram()), ValueError, "f0_test"),
+    Bad("training.ntk_predict", "kernel_test wrong width", lambda: _predict(kernel_test=_gram()[:, :3], f0_test=_y().double()),
+        ValueError, "kernel_test"),
+    Bad("training.critical_lr", "kernel not square", lambda: training.critical_lr(_gram()[:3]), ValueError, "kernel"),
+    Bad("training.critical_lr", "alpha negative", lambda: training.critical_lr(_gram(), alpha=-1.0), ValueError, "alpha"),
+]
+
+BAD_INPUT += TRAINING_CASES
+
+# Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
+NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main"}
+# Result containers that ntkbook's own functions fill in (train, ntk_predict), never built by readers.
+NOT_CALLED_BY_USERS = {"training.History", "training.NTKPrediction"}
+
+
+def public_callables() -> set[str]:
+    names = {"ntkbook.default_device"}
+    for info in pkgutil.iter_modules(ntkbook.__path__):
+        module = importlib.import_module(f"ntkbook.{info.name}")
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(obj) or (inspect.isclass(obj) and not issubclass(obj, BaseException)):
+                names.add(f"{info.name}.{name}")
+    return names
+
+
+@pytest.mark.parametrize("bad", BAD_INPUT, ids=lambda b: f"{b.function}: {b.case}")
+def test_bad_input_is_refused_naming_the_argument(bad: Bad) -> None:
+    try:
+        with pytest.raises(bad.error) as raised:
+            bad.call()
+    finally:
+        plt.close("all")
+    assert bad.argument in str(raised.value), f"the message does not name {bad.argument!r}: {raised.value}"
+
+
+def test_every_public_function_has_bad_input_cases() -> None:
+    covered = {bad.function for bad in BAD_INPUT} | NO_ARGUMENTS | NOT_CALLED_BY_USERS
+    missing = sorted(public_callables() - covered)
+    assert not missing, f"add bad-input cases to BAD_INPUT for {missing}"
