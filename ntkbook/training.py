@@ -38,10 +38,11 @@ class DivergenceError(FloatingPointError, ValueError):
     """Gradient descent produced a NaN or infinite loss; usually the learning rate is too large.
 
     ``step`` is the first step whose loss is not finite and ``history`` holds the steps before it.
-    It is a :class:`ValueError` too, because the cure is a different ``lr`` argument.
+    It is a :class:`ValueError` too, because the cure is a different ``lr`` argument. Introduced in
+    chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
 
-    def __init__(self, message: str, step: int, history: "History") -> None:
+    def __init__(self, message: str, step: int, history: History) -> None:
         super().__init__(message)
         self.step = step
         self.history = history
@@ -57,6 +58,8 @@ class History:
       over all trainable parameters flattened into one vector.
     - ``initial_norm``: :math:`\\lVert\\theta_0\\rVert`, so ``relative_change * initial_norm`` is the distance travelled.
     - ``ntk``: ``{step: kernel}``, empirical NTKs ``(n, n)`` on the training inputs, when ``ntk_every`` was set.
+
+    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
 
     loss: torch.Tensor
@@ -146,6 +149,8 @@ def train(
 
     Raises:
         DivergenceError: the loss became NaN or infinite; it names the step and suggests a smaller ``lr``.
+
+    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
     params = _check_model(model)
     x = _check_tensor("x", x, params[0])
@@ -225,10 +230,11 @@ class Linearized(nn.Module):
     """The first-order Taylor expansion of a model around its parameters at construction.
 
     :math:`f_{\\mathrm{lin}}(x;\\theta) = f(x;\\theta_0) + J(x;\\theta_0)\\,(\\theta - \\theta_0)`, computed
-    in one forward-mode pass by :func:`torch.func.jvp` (the Jacobian :math:`J` is never formed), so
-    one call costs about two forward passes of the network. The trainable parameters :math:`\\theta`
-    live in ``self.module``, a copy of the model started at :math:`\\theta_0`; :math:`\\theta_0` is kept
-    in buffers. Lee et al. (2019).
+    in one forward-mode pass by :func:`torch.func.jvp` (the Jacobian :math:`J` is never formed), which
+    gives :math:`f(x;\\theta_0)` and :math:`J\\,(\\theta - \\theta_0)` together; memory stays that of a
+    forward pass, time is a small multiple of it. The trainable parameters :math:`\\theta` live in
+    ``self.module``, a copy of the model started at :math:`\\theta_0`; :math:`\\theta_0` is kept in
+    buffers. Lee et al. (2019); introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -244,6 +250,7 @@ class Linearized(nn.Module):
         return {name: getattr(self, f"theta0_{i}") for i, name in enumerate(self._names)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`f(x;\\theta_0) + J(x;\\theta_0)(\\theta - \\theta_0)` for a batch ``x``, shaped like ``model(x)``."""
         theta0 = self.initial_parameters()
         delta = {name: _parameter(self.module, name) - theta0[name] for name in self._names}
         out0, tangent = jvp(lambda theta: functional_call(self.module, theta, (x,)), (theta0,), (delta,))
@@ -256,7 +263,8 @@ class Centered(nn.Module):
     Wraps ``model`` (its parameters are shared, so training this module trains ``model``) and keeps
     :math:`\\theta_0` in buffers. The output starts at exactly zero, so scaling it by :math:`\\alpha`
     (:class:`Scaled`) changes the speed of training but not the initial function; the NTK is
-    unchanged, because :math:`f(x;\\theta_0)` does not depend on :math:`\\theta`. Chizat et al. (2019).
+    unchanged, because :math:`f(x;\\theta_0)` does not depend on :math:`\\theta`. Chizat et al. (2019);
+    introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -268,6 +276,7 @@ class Centered(nn.Module):
             self.register_buffer(f"theta0_{i}", _parameter(model, name).detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`f(x;\\theta) - f(x;\\theta_0)` for a batch ``x``, shaped like ``model(x)``."""
         theta0 = {name: getattr(self, f"theta0_{i}") for i, name in enumerate(self._names)}
         with torch.no_grad():
             initial = functional_call(self.module, theta0, (x,))
@@ -279,7 +288,8 @@ class Scaled(nn.Module):
 
     The NTK scales by :math:`\\alpha^2`; train it with ``train(..., alpha=alpha)`` so that the loss is
     divided by :math:`\\alpha^2` and the function moves at an :math:`\\alpha`-independent speed while
-    the parameters move :math:`\\alpha` times less (Chizat et al. 2019).
+    the parameters move :math:`\\alpha` times less (Chizat et al. 2019). Introduced in chapter 5
+    (:doc:`/chapters/05_lazy_training`).
     """
 
     def __init__(self, model: nn.Module, alpha: float) -> None:
@@ -289,6 +299,7 @@ class Scaled(nn.Module):
         self.alpha = _check_positive_number("alpha", alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`\\alpha f(x;\\theta)` for a batch ``x``, shaped like ``model(x)``."""
         return self.alpha * self.module(x)
 
     def extra_repr(self) -> str:
@@ -325,6 +336,8 @@ class NTKPrediction:
 
     - ``train``: outputs on the training inputs, shape ``(n,)`` for an int ``steps`` or ``(len(steps), n)``.
     - ``test``: outputs on the test inputs, ``(m,)`` or ``(len(steps), m)``; ``None`` without test inputs.
+
+    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
 
     train: torch.Tensor
@@ -374,12 +387,16 @@ def ntk_predict(
         kernel: the empirical NTK ``(n, n)`` of the trained model (include ``alpha**2`` if it is scaled).
         f0: initial outputs on the training inputs, ``(n,)`` or ``(n, 1)``.
         y: targets ``(n,)`` or ``(n, 1)``.
-        lr: the learning rate given to :func:`train`; ``alpha``: the ``alpha`` given to it.
+        lr: the learning rate given to :func:`train`.
         steps: one step count ``t >= 0`` or a sequence of them.
-        kernel_test: :math:`\\Theta(x_*, X)` of shape ``(m, n)``; needs ``f0_test`` ``(m,)`` or ``(m, 1)``.
+        alpha: the ``alpha`` given to :func:`train`.
+        kernel_test: :math:`\\Theta(x_*, X)` of shape ``(m, n)``, for outputs on new inputs :math:`x_*`.
+        f0_test: initial outputs on the new inputs, ``(m,)`` or ``(m, 1)``; required with ``kernel_test``.
 
     Returns:
         An :class:`NTKPrediction`; outputs are flat, ``(n,)``/``(m,)`` per step.
+
+    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
     if not isinstance(kernel, torch.Tensor):
         raise TypeError(f"kernel must be a torch.Tensor, got {type(kernel).__name__}")
