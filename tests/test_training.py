@@ -254,3 +254,18 @@ def test_progress_bar_is_optional_and_quiet_when_off(capsys: pytest.CaptureFixtu
     assert capsys.readouterr() == ("", "")
     train(net(), x, y, steps=3, lr=0.1, progress=True)
     assert "gradient descent" in capsys.readouterr().err
+
+
+def test_wrappers_keep_the_ntk_of_the_trained_model() -> None:
+    # After training the wrapped model has moved away from theta0; the frozen theta0 pass of `centered`
+    # must not leak into the kernel, and the linearisation's kernel is the model's at its own theta0.
+    x, y = data()
+    model = net(width=16, depth=2)
+    wrapped = centered(model)
+    train(wrapped, x, y, steps=30, lr=0.1, progress=False)
+    kernel = empirical_ntk(model, x)
+    torch.testing.assert_close(empirical_ntk(wrapped, x), kernel, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(empirical_ntk(scaled(wrapped, 2.0), x), 4.0 * kernel, rtol=1e-12, atol=1e-12)
+    lin = linearize(wrapped)
+    train(lin, x, y, steps=30, lr=0.1, progress=False)
+    torch.testing.assert_close(empirical_ntk(lin, x), kernel, rtol=1e-12, atol=1e-12)
