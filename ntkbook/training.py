@@ -19,7 +19,9 @@ Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
@@ -126,7 +128,7 @@ def train(
     lr: float,
     alpha: float = 1.0,
     ntk_every: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> History:
     """Full-batch gradient descent on :math:`L = \\mathrm{MSE}/\\alpha^2`, updating ``model`` in place.
 
@@ -142,7 +144,10 @@ def train(
         alpha: the output scale of Chizat et al. (2019); the loss is divided by ``alpha**2``. Pass the
             same ``alpha`` that :func:`scaled` multiplies the model by.
         ntk_every: record the empirical NTK on ``x`` at step 0, every ``ntk_every`` steps and at the end.
-        progress: show a ``tqdm.auto`` progress bar.
+        progress: show a ``tqdm.auto`` progress bar: ``True`` always, ``False`` never, ``None`` (the
+            default) where it can be drawn cleanly, i.e. in a terminal, or in a Jupyter kernel that has
+            ipywidgets (Colab). Without ipywidgets tqdm would print a warning and a text bar into the
+            cell's output, and from there into a built page, so ``None`` shows no bar there.
 
     Returns:
         A :class:`History` of the loss and the relative parameter change at steps ``0..steps``.
@@ -162,8 +167,10 @@ def train(
     alpha = _check_positive_number("alpha", alpha)
     if ntk_every is not None:
         ntk_every = _check_positive_int("ntk_every", ntk_every)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
+    if progress is None:
+        progress = _bar_draws_cleanly()
 
     theta0 = [p.detach().clone() for p in params]
     initial_norm = math.sqrt(sum(float((p0**2).sum()) for p0 in theta0))
@@ -208,13 +215,22 @@ def train(
                    initial_norm, kernels)
 
 
-def _progress_bar(steps: int, lr: float) -> tqdm:
-    """A ``tqdm.auto`` bar that vanishes when done, imported only when asked for.
+def _bar_draws_cleanly() -> bool:
+    """A terminal, or a Jupyter kernel with ipywidgets: where ``tqdm.auto`` draws a bar in place."""
+    if "ipykernel" in sys.modules:
+        return importlib.util.find_spec("ipywidgets") is not None
+    return sys.stderr is not None and sys.stderr.isatty()
 
-    Importing ``tqdm.auto`` inside a Jupyter kernel without ipywidgets warns and falls back to a text
-    bar; importing it lazily keeps that warning out of runs (and built pages) that never show a bar.
+
+def _progress_bar(steps: int, lr: float) -> tqdm:
+    """A ``tqdm.auto`` bar that vanishes when done, imported only when a bar is shown.
+
+    In a Jupyter kernel without ipywidgets ``tqdm.auto`` falls back to a text bar and warns about it;
+    the caller asked for a bar, so the fallback is what they get, without the warning.
     """
-    from tqdm.auto import tqdm
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from tqdm.auto import tqdm
 
     return tqdm(total=steps, desc=f"gradient descent (lr={lr:g})", leave=False)
 

@@ -256,6 +256,22 @@ def test_progress_bar_is_optional_and_quiet_when_off(capsys: pytest.CaptureFixtu
     assert "gradient descent" in capsys.readouterr().err
 
 
+def test_default_progress_draws_no_text_bar_into_a_notebook_without_ipywidgets(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the book build is: a Jupyter kernel, no ipywidgets. A text bar there would land in the page.
+    import importlib.util
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel", sys))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ipywidgets" else real_find_spec(name, *a))
+    x, y = data()
+    train(net(), x, y, steps=3, lr=0.1)
+    assert capsys.readouterr() == ("", "")
+
+
 def test_wrappers_keep_the_ntk_of_the_trained_model() -> None:
     # After training the wrapped model has moved away from theta0; the frozen theta0 pass of `centered`
     # must not leak into the kernel, and the linearisation's kernel is the model's at its own theta0.
