@@ -20,6 +20,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+from playwright.sync_api import sync_playwright
 
 from conftest import CHAPTERS, HTML, ROOT, BookBuild, toc_files
 
@@ -60,8 +62,6 @@ def site(built_book: BookBuild) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     """Headless Debian Chromium; Playwright never downloads a browser of its own here."""
-    from playwright.sync_api import sync_playwright
-
     assert CHROMIUM.exists(), f"{CHROMIUM} is missing: `apt-get install chromium` (bash .ci/test does it)"
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
@@ -154,6 +154,7 @@ def test_page_in_the_browser(entry: str, site: str, browser: object) -> None:
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: console_errors.append(f"uncaught: {e}"))
     page.on("requestfailed", lambda r: failed_requests.append(f"{r.url} ({r.failure})") if r.url.startswith(site) else None)
+    page.on("response", lambda r: failed_requests.append(f"{r.url} (HTTP {r.status})") if r.status >= 400 else None)
 
     def offline_only(route: object) -> None:
         if route.request.url.startswith(site) or route.request.url.startswith("data:"):
@@ -166,16 +167,22 @@ def test_page_in_the_browser(entry: str, site: str, browser: object) -> None:
     response = page.goto(url, wait_until="load")
     assert response is not None and response.status == 200, f"{url}: HTTP {response and response.status}"
     # MathJax typesets asynchronously after load; its startup promise resolves when the page is done.
-    page.wait_for_function("() => !window.MathJax || (window.MathJax.startup && window.MathJax.startup.promise)")
-    page.evaluate("async () => { if (window.MathJax && MathJax.startup) { await MathJax.startup.promise; } }")
+    # If MathJax never starts (say its script did not load), the checks below report what is missing.
+    try:
+        page.wait_for_function(
+            "() => !window.MathJax || (window.MathJax.startup && window.MathJax.startup.promise)", timeout=20_000
+        )
+        page.evaluate("async () => { if (window.MathJax && MathJax.startup) { await MathJax.startup.promise; } }")
+    except PlaywrightTimeoutError:
+        pass
     page.wait_for_load_state("networkidle")
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"{entry.replace('/', '_')}.png"), full_page=True)
 
-    assert not console_errors, f"{entry}: console errors {console_errors}"
-    assert not failed_requests, f"{entry}: requests failed {failed_requests}"
     assert not offsite_requests, f"{entry}: the page reaches off the site (it must work offline): {offsite_requests}"
+    assert not failed_requests, f"{entry}: requests failed {failed_requests}"
+    assert not console_errors, f"{entry}: console errors {console_errors}"
 
     broken_images = [image["src"] for image in page.evaluate(IMAGES_JS) if not image["ok"]]
     assert not broken_images, f"{entry}: images that did not load {broken_images}"
