@@ -137,18 +137,52 @@ def _gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def _contract(f1: Features, f2: Features, mode: str) -> torch.Tensor:
-    """Sum the per-layer kernels of two feature lists (see :func:`_structured_features`)."""
+    """Sum the per-layer kernels of two feature lists (see :func:`_structured_features`).
+
+    Dense entries ``(A, G, s^2, s_b^2)`` contribute :math:`(G G'^\\top) \\odot (s^2 A A'^\\top + s_b^2)`, other
+    entries :math:`J J'^\\top`. With one output every mode is the ``(n1, n2)`` matrix, computed as such."""
+    first = f1[0]
+    k = first[1].shape[1] if isinstance(first, tuple) else first.shape[1]
+    mode = "trace" if k == 1 else mode
     total = None
     for e1, e2 in zip(f1, f2):
-        if isinstance(e1, tuple):
-            (a1, g1, s2, sb2), (a2, g2, _, _) = e1, e2
-            inputs = s2 * (a1 @ a2.T) + sb2 if a1 is not None else g1.new_full((g1.shape[0], g2.shape[0]), sb2)
-            term = _gram(g1, g2, mode)
-            term = term * (inputs if mode == "trace" else inputs[:, :, None] if mode == "diagonal" else inputs[:, :, None, None])
-        else:
+        if not isinstance(e1, tuple):
             term = _gram(e1, e2, mode)
-        total = term if total is None else total.add_(term)
+            total = term if total is None else total.add_(term)
+            continue
+        (a1, g1, s2, sb2), (a2, g2, _, _) = e1, e2
+        gram = _gram(g1, g2, mode)
+        if a1 is None:
+            factor = torch.as_tensor(sb2, dtype=gram.dtype, device=gram.device)
+        else:
+            # s^2 A A'^T + s_b^2 in one BLAS call; beta=0 skips the bias term of a layer without one.
+            inputs = torch.addmm(a1.new_tensor(sb2), a1, a2.T, beta=1.0 if sb2 else 0.0, alpha=s2)
+            factor = inputs if mode == "trace" else inputs[:, :, None] if mode == "diagonal" else inputs[:, :, None, None]
+        total = gram.mul_(factor) if total is None else total.addcmul_(gram, factor)
     return total
+
+
+def _rows(features: Features, start: int, stop: int) -> Features:
+    return [
+        (None if e[0] is None else e[0][start:stop], e[1][start:stop], e[2], e[3]) if isinstance(e, tuple) else e[start:stop]
+        for e in features
+    ]
+
+
+def _contract_symmetric(features: Features, mode: str) -> torch.Tensor:
+    """``_contract(features, features)``, computing the lower-left quarter as the transpose of the upper-right:
+    three quarters of the matrix-product work, since torch has no symmetric rank-k product."""
+    n = features[0][1].shape[0] if isinstance(features[0], tuple) else features[0].shape[0]
+    if n < 64:
+        return _contract(features, features, mode)
+    half = n // 2
+    bottom = _rows(features, half, n)
+    top = _contract(_rows(features, 0, half), features, mode)
+    kernel = top.new_empty((n, n, *top.shape[2:]))
+    kernel[:half] = top
+    kernel[half:, half:] = _contract(bottom, bottom, mode)
+    kernel[half:, :half] = _transpose_block(top[:, half:], mode)
+    return kernel
 
 
 # --- method "loop" ---------------------------------------------------------------------------------------
@@ -343,7 +377,7 @@ def _ranges(n: int, chunk: int | None) -> list[tuple[int, int]]:
 def _transpose_block(block: torch.Tensor, mode: str) -> torch.Tensor:
     """Θ(x2, x1) from Θ(x1, x2): swap the inputs, and the outputs too in full mode."""
     block = block.transpose(0, 1)
-    return block.transpose(2, 3) if mode == "full" else block
+    return block.transpose(2, 3) if block.ndim == 4 else block
 
 
 def _blockwise(
@@ -405,8 +439,9 @@ def _feature_kernel(
 
     def block(i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         f1 = row_features(i0, i1)
-        f2 = f1 if symmetric and i0 == j0 else column_features(j0, j1)
-        return _contract(f1, f2, mode)
+        if symmetric and i0 == j0:
+            return _contract_symmetric(f1, mode)
+        return _contract(f1, column_features(j0, j1), mode)
 
     return _blockwise(block, x1.shape[0], other.shape[0], symmetric, chunk, mode)
 
@@ -445,7 +480,7 @@ def memory_estimate(
 
     With :math:`P` trainable parameters, :math:`k` outputs, :math:`c` inputs per chunk (``chunk_size``,
     else the whole batch), :math:`H` activations per input and :math:`b` bytes per number:
-    ``"loop"`` and ``"jacobian"`` hold two chunks of Jacobian, :math:`2 c k P b`; ``"implicit"`` holds
+    ``"loop"`` and ``"jacobian"`` hold one or two chunks of Jacobian, :math:`c k P b` each; ``"implicit"`` holds
     :math:`c k P b` of vjps plus :math:`c k \\cdot c H b` of jvp tangents; ``"structured"`` holds each
     layer's input and output gradients, :math:`O(n (H + k H))`, and per-input gradients of any
     non-dense layer. All add the kernel itself, :math:`n_1 n_2 k^2 b` in full mode. ``method="auto"``
@@ -474,13 +509,16 @@ def memory_estimate(
     finally:
         for handle in handles:
             handle.remove()
+    if x2 is not None:
+        _probe(model, "x2", x2)
     b = x1.element_size()
     p = sum(q.numel() for q in params)
     kernel = n1 * n2 * {"full": k * k, "trace": 1, "diagonal": k}[mode] * b
     c1, c2 = min(n1, chunk_size or n1), min(n2, chunk_size or n2)
     activations = sum(outputs for _, _, outputs in sizes)
     if method in ("loop", "jacobian"):
-        return kernel + (c1 + c2) * k * p * b + c1 * activations * b
+        blocks = c1 if x2 is None and c1 == n1 else c1 + c2
+        return kernel + blocks * k * p * b + c1 * activations * b
     if method == "implicit":
         return kernel + c2 * k * p * b + c2 * k * c1 * activations * b
     layers = _layers(model)
@@ -599,8 +637,6 @@ def empirical_ntk(
 
 def _squeeze(kernel: torch.Tensor, mode: str) -> torch.Tensor:
     """One output per input: every mode is the ``(n1, n2)`` matrix."""
-    if mode == "full" and kernel.shape[-1] == 1:
-        return kernel[:, :, 0, 0]
-    if mode == "diagonal" and kernel.shape[-1] == 1:
-        return kernel[:, :, 0]
+    if kernel.ndim > 2 and kernel.shape[-1] == 1:
+        return kernel.reshape(kernel.shape[:2])
     return kernel
