@@ -145,8 +145,8 @@ def train(
             same ``alpha`` that :func:`scaled` multiplies the model by.
         ntk_every: record the empirical NTK on ``x`` at step 0, every ``ntk_every`` steps and at the end.
         progress: show a ``tqdm.auto`` progress bar: ``True`` always, ``False`` never, ``None`` (the
-            default) where it can be drawn cleanly, i.e. in a terminal, or in a Jupyter kernel that has
-            ipywidgets (Colab). Without ipywidgets tqdm would print a warning and a text bar into the
+            default) where it can be drawn cleanly, i.e. with tqdm installed, in a terminal or in a
+            Jupyter kernel that has ipywidgets (Colab). Without ipywidgets tqdm would print a warning and a text bar into the
             cell's output, and from there into a built page, so ``None`` shows no bar there.
 
     Returns:
@@ -216,7 +216,10 @@ def train(
 
 
 def _bar_draws_cleanly() -> bool:
-    """A terminal, or a Jupyter kernel with ipywidgets: where ``tqdm.auto`` draws a bar in place."""
+    """tqdm is installed, and this is a terminal or a Jupyter kernel with ipywidgets: where
+    ``tqdm.auto`` draws a bar in place."""
+    if importlib.util.find_spec("tqdm") is None:
+        return False
     if "ipykernel" in sys.modules:
         return importlib.util.find_spec("ipywidgets") is not None
     return sys.stderr is not None and sys.stderr.isatty()
@@ -228,6 +231,8 @@ def _progress_bar(steps: int, lr: float) -> tqdm:
     In a Jupyter kernel without ipywidgets ``tqdm.auto`` falls back to a text bar and warns about it;
     the caller asked for a bar, so the fallback is what they get, without the warning.
     """
+    if importlib.util.find_spec("tqdm") is None:
+        raise ImportError("progress=True needs the tqdm package: pip install tqdm, or pass progress=False")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="IProgress not found")
         from tqdm.auto import tqdm
