@@ -29,6 +29,7 @@ Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`); the methods, modes and c
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -235,7 +236,11 @@ def _implicit_block(
     def push_forward(tangent: dict[str, torch.Tensor]) -> torch.Tensor:
         return jvp(lambda p: functional_call(model, p, (x1,)).reshape(n1, k), (params,), (tangent,))[1]
 
-    columns = vmap(push_forward)(tangents)  # columns[(j, b), i, a] = Θ[i, j, a, b]
+    with warnings.catch_warnings():
+        # torch's forward-mode AD scripts its own decompositions on first use and warns that torch.jit.script
+        # is deprecated: a message about torch's internals, not about the caller's code.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=DeprecationWarning)
+        columns = vmap(push_forward)(tangents)  # columns[(j, b), i, a] = Θ[i, j, a, b]
     full = columns.reshape(n2, k, n1, k).permute(2, 0, 3, 1)
     if mode == "full":
         return full

@@ -1,0 +1,243 @@
+"""ntkbook.ntk's four methods agree with the loop, in every mode, chunked or not; structure errors are clear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ntkbook import HadamardNet, TwoLayerNet, empirical_ntk, mlp
+from ntkbook.benchmark import format_table, run_case
+from ntkbook.ntk import METHODS, MODES, NotStructuredError, memory_estimate
+
+FAST = ("jacobian", "implicit", "structured", "auto")
+# float64 sums the same products in another order: ~1e-16 per entry, far below 1e-10. float32: ~1e-7.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def relative_error(kernel: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((kernel - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+
+
+@st.composite
+def architectures(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+    """A random network from ntkbook's families, random inputs, and sometimes a frozen parameter."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    kind = draw(st.sampled_from(["mlp", "two-layer", "hadamard"]))
+    d, width, k = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    kwargs: dict[str, object] = {"generator": gen}
+    if draw(st.booleans()):
+        kwargs["parameterization"] = "standard"
+    else:
+        kwargs.update(weight_std=draw(st.sampled_from([0.5, 1.0, 1.5])), bias_std=draw(st.sampled_from([0.0, 0.3])))
+    if kind == "mlp":
+        activation = draw(st.sampled_from(["relu", "tanh", "erf"]))
+        model = mlp(d, width, draw(st.integers(1, 3)), k, activation=activation, **kwargs)
+    else:
+        model = (TwoLayerNet if kind == "two-layer" else HadamardNet)(d, width, k, **kwargs)
+    params = list(model.parameters())
+    if len(params) > 1 and draw(st.booleans()):
+        params[draw(st.integers(0, len(params) - 1))].requires_grad_(False)
+    x1 = torch.randn(draw(st.integers(1, 6)), d, generator=gen)
+    x2 = torch.randn(draw(st.integers(1, 5)), d, generator=gen) if draw(st.booleans()) else None
+    return model, x1, x2
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    case=architectures(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    mode=st.sampled_from(MODES),
+    chunk_size=st.sampled_from([None, 1, 2, 4]),
+)
+def test_every_method_matches_the_loop(case, dtype: torch.dtype, mode: str, chunk_size: int | None) -> None:
+    model, x1, x2 = case
+    model = model.to(dtype)
+    x1 = x1.to(dtype)
+    x2 = None if x2 is None else x2.to(dtype)
+    reference = empirical_ntk(model, x1, x2, method="loop", mode=mode)
+    for method in FAST:
+        kernel = empirical_ntk(model, x1, x2, method=method, mode=mode, chunk_size=chunk_size)
+        assert kernel.shape == reference.shape and kernel.dtype == dtype
+        assert relative_error(kernel, reference) < TOLERANCE[dtype], (method, mode, chunk_size)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(case=architectures(), mode=st.sampled_from(MODES), chunk_size=st.integers(1, 5))
+def test_chunked_equals_unchunked(case, mode: str, chunk_size: int) -> None:
+    model, x1, x2 = case
+    model, x1 = model.double(), x1.double()
+    x2 = None if x2 is None else x2.double()
+    for method in ("loop", "jacobian", "implicit", "structured"):
+        whole = empirical_ntk(model, x1, x2, method=method, mode=mode)
+        chunked = empirical_ntk(model, x1, x2, method=method, mode=mode, chunk_size=chunk_size)
+        torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_modes_have_the_documented_shapes_and_relations() -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = mlp(3, 5, 2, 4, bias_std=0.2, generator=gen).double()
+    x1 = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    full = empirical_ntk(model, x1, x2, mode="full")
+    trace = empirical_ntk(model, x1, x2, mode="trace")
+    diagonal = empirical_ntk(model, x1, x2, mode="diagonal")
+    assert full.shape == (6, 2, 4, 4) and trace.shape == (6, 2) and diagonal.shape == (6, 2, 4)
+    torch.testing.assert_close(diagonal, torch.diagonal(full, dim1=2, dim2=3), rtol=1e-12, atol=1e-12)
+    # "trace" is the sum over outputs, not neural-tangents' mean.
+    torch.testing.assert_close(trace, torch.einsum("ijaa->ij", full), rtol=1e-12, atol=1e-12)
+    single = mlp(3, 5, 2, 1, generator=gen)
+    for mode in MODES:
+        assert empirical_ntk(single, x1.float(), mode=mode).shape == (6, 6)
+
+
+def test_symmetric_kernel_of_a_large_batch_matches_the_cross_kernel() -> None:
+    # n >= 64 takes the path that computes a quarter of the symmetric kernel as a transpose.
+    gen = torch.Generator().manual_seed(3)
+    model = mlp(4, 6, 2, 2, bias_std=0.1, generator=gen).double()
+    x = torch.randn(70, 4, generator=gen, dtype=torch.float64)
+    for method in ("jacobian", "structured"):
+        torch.testing.assert_close(
+            empirical_ntk(model, x, method=method), empirical_ntk(model, x, x.clone(), method=method), rtol=1e-12, atol=1e-12
+        )
+
+
+class SmallCNN(nn.Module):
+    """Two convolutions, BatchNorm and a dense readout to 10 outputs; the flatten size is computed."""
+
+    def __init__(self, side: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 3, stride=2, padding=1)
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, 3, side, side)).shape[1]
+        self.readout = nn.Linear(flat, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.norm(self.conv1(x))))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.features(x))
+
+
+def test_cnn_with_batchnorm_in_eval_mode_agrees_across_methods() -> None:
+    torch.manual_seed(0)  # nn.Conv2d draws its initial weights from the global generator
+    model = SmallCNN().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.norm.running_mean.normal_(generator=gen)
+        model.norm.running_var.uniform_(0.5, 2.0, generator=gen)
+    x1 = torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(3, 3, 8, 8, generator=gen, dtype=torch.float64)
+    reference = empirical_ntk(model, x1, x2, method="loop")
+    assert reference.shape == (4, 3, 10, 10)
+    for method in FAST:
+        assert relative_error(empirical_ntk(model, x1, x2, method=method), reference) < 1e-10, method
+
+
+def test_batchnorm_in_training_mode_is_refused() -> None:
+    model = SmallCNN().train()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for method in METHODS:
+        with pytest.raises(ValueError, match=r"'norm' \(BatchNorm2d\) normalises with batch statistics.*model.eval"):
+            empirical_ntk(model, x, method=method)
+
+
+class Shared(nn.Module):
+    """The same layer applied twice: the factorisation per layer does not hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+class Tied(nn.Module):
+    """The readout reuses the first layer's weight outside that layer's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.embed(x)) @ self.embed.weight[:, :1]
+
+
+@pytest.mark.parametrize(("model_class", "match"), [
+    (Shared, r"module 'inner' \(Linear\) is applied more than once"),
+    (Tied, r"parameter of module 'embed' \(Linear\) is used outside that module's forward"),
+])
+def test_structured_names_the_module_it_cannot_handle_and_auto_falls_back(model_class: type, match: str) -> None:
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    model = model_class().double()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(NotStructuredError, match=match):
+        empirical_ntk(model, x, method="structured")
+    assert not any(m._forward_hooks for m in model.modules()), "hooks must be removed after an error"
+    reference = empirical_ntk(model, x, method="loop")
+    assert relative_error(empirical_ntk(model, x), reference) < 1e-10
+
+
+def test_structured_takes_no_parameter_gradients_and_leaves_no_hooks() -> None:
+    model = mlp(3, 8, 2, generator=torch.Generator().manual_seed(0))
+    calls = []
+    for p in model.parameters():
+        p.register_hook(lambda grad: calls.append(1))
+    empirical_ntk(model, torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), method="structured")
+    assert calls == [] and all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(("options", "error", "match"), [
+    ({"mode": "sum"}, ValueError, "mode must be one of"),
+    ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+    ({"chunk_size": 2.0}, TypeError, "chunk_size must be a positive int or None, got float"),
+    ({"chunk_size": True}, TypeError, "chunk_size must be a positive int or None, got bool"),
+])
+def test_bad_options_get_clear_errors(options: dict, error: type, match: str) -> None:
+    model = TwoLayerNet(3, 4, 1, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(error, match=match):
+        empirical_ntk(model, torch.ones(2, 3), **options)
+
+
+def test_memory_estimate_scales_as_documented() -> None:
+    x = torch.randn(64, 20, generator=torch.Generator().manual_seed(0))
+    small = mlp(20, 256, 2, generator=torch.Generator().manual_seed(0))
+    large = mlp(20, 1024, 2, generator=torch.Generator().manual_seed(0))
+    params = sum(p.numel() for p in large.parameters())
+    # The Jacobian of 64 inputs dominates: 64 * P * 4 bytes, plus the 64 x 64 kernel and activations.
+    jacobian = memory_estimate(large, x, method="jacobian")
+    assert 64 * params * 4 <= jacobian < 1.1 * 64 * params * 4
+    # Chunks of 16 from each side hold two 16-row Jacobians instead of one 64-row one.
+    assert memory_estimate(large, x, method="jacobian", chunk_size=16) < jacobian / 1.9
+    # Structured features grow with the width, not its square.
+    growth = memory_estimate(large, x, method="structured") / memory_estimate(small, x, method="structured")
+    assert growth < 4.5
+    with pytest.raises(ValueError, match="not 'auto'"):
+        memory_estimate(large, x, method="auto")
+
+
+def test_benchmark_case_and_table() -> None:
+    row = run_case("structured", width=8, n=4, device=torch.device("cpu"), repeats=3)
+    assert row["repeats"] >= 3 and row["min_s"] <= row["median_s"] <= row["max_s"] and row["peak_bytes"] >= 0
+    row.update(x_floor=1.0, speedup_vs_jacobian=None)
+    missing = {"method": "jacobian", "width": 8, "n": 4, "does_not_fit": "needs about 9.0 GiB, 1.0 GiB free"}
+    table = format_table([row, missing])
+    assert "| 8 | structured |" in table and "needs about 9.0 GiB" in table
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernels_stay_on_the_gpu_and_agree() -> None:
+    device = torch.device("cuda")
+    model = mlp(3, 16, 2, 3, bias_std=0.1, generator=torch.Generator().manual_seed(0)).double().to(device)
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    reference = empirical_ntk(model, x, method="loop")
+    for method in FAST:
+        kernel = empirical_ntk(model, x, method=method, chunk_size=3)
+        assert kernel.device.type == "cuda" and relative_error(kernel, reference) < 1e-10
