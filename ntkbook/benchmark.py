@@ -32,8 +32,15 @@ INPUT_DIM = 20
 FLOOR = "fwd+bwd"
 
 
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def build_case(width: int, n: int, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
     """The benchmark's model ``20 -> width -> width -> 1`` and its ``(n, 20)`` inputs, seeded, float32."""
+    _check_count("n", n)
     model = mlp(INPUT_DIM, width, 2, generator=torch.Generator().manual_seed(0)).to(device)
     x = torch.randn(n, INPUT_DIM, generator=torch.Generator().manual_seed(1)).to(device)
     return model, x
@@ -46,6 +53,7 @@ def _resident_bytes() -> int:
 
 def run_case(method: str, width: int, n: int, device: torch.device, repeats: int) -> dict[str, object]:
     """Time one method (or the floor, ``"fwd+bwd"``) in this process; returns a row of the table."""
+    _check_count("repeats", repeats)
     model, x = build_case(width, n, device)
 
     def call() -> None:
@@ -106,6 +114,8 @@ def benchmark(
     widths: list[int], n: int, methods: list[str], device: str, repeats: int, threads: int | None = None
 ) -> list[dict[str, object]]:
     """One row per (method, width), plus the floor, with speed-ups over ``"jacobian"`` and ratios to the floor."""
+    if not widths:
+        raise ValueError("widths must name at least one hidden width")
     rows = []
     free = _available_memory(torch.device(device))
     for width in widths:
@@ -130,6 +140,8 @@ def benchmark(
 
 def format_table(rows: list[dict[str, object]]) -> str:
     """The rows as a Markdown table."""
+    if not all(isinstance(r, dict) and {"width", "method"} <= r.keys() for r in rows):
+        raise ValueError("rows must be the dicts that benchmark() returns, each with a 'width' and a 'method'")
     lines = ["| width | method | median ms | min-max ms | repeats | peak MiB | vs jacobian | x floor |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import numbers
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -181,7 +182,12 @@ def train(
     for step in range(steps + 1):
         if ntk_every is not None and (step % ntk_every == 0 or step == steps):
             kernels[step] = empirical_ntk(model, x)
-        out = model(x)
+        try:
+            out = model(x)
+        except RuntimeError as err:
+            if step > 0:
+                raise
+            raise ValueError(f"model cannot be applied to x of shape {tuple(x.shape)}: {err}") from None
         target = _targets_like(out, y)
         mse = ((out - target) ** 2).mean()
         if not torch.isfinite(mse):
@@ -376,6 +382,8 @@ def _check_vector(name: str, value: object, length: int | None, reference: torch
     if value.dtype != reference.dtype or value.device != reference.device:
         raise TypeError(f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
                         f"got ({value.dtype}, {value.device})")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
     return value.detach()
 
 
@@ -425,15 +433,17 @@ def ntk_predict(
         raise ValueError(f"kernel must be a square (n, n) matrix, got shape {tuple(kernel.shape)}")
     if not kernel.is_floating_point():
         raise TypeError(f"kernel must have a floating dtype, got {kernel.dtype}")
+    if not torch.isfinite(kernel).all():
+        raise ValueError("kernel contains NaN or infinite values")
     n = kernel.shape[0]
     f0 = _check_vector("f0", f0, n, kernel)
     y = _check_vector("y", y, n, kernel)
     lr = _check_positive_number("lr", lr)
     alpha = _check_positive_number("alpha", alpha)
-    single = isinstance(steps, int) and not isinstance(steps, bool)
+    single = isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
     step_list = [steps] if single else list(steps) if isinstance(steps, (list, tuple, range)) else None
     if step_list is None or not step_list or any(
-        isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in step_list
+        isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in step_list
     ):
         raise ValueError(f"steps must be an int >= 0 or a non-empty sequence of them, got {steps!r}")
     if (kernel_test is None) != (f0_test is None):
@@ -451,7 +461,7 @@ def ntk_predict(
         warnings.warn(
             f"lr={lr:g} exceeds the stable limit n*alpha**2/lambda_max = {n * alpha**2 / float(eigenvalues.max()):g}; "
             "gradient descent on the linearised model diverges", RuntimeWarning, stacklevel=2)
-    t = torch.tensor(step_list, dtype=kernel.dtype, device=kernel.device)[:, None]
+    t = torch.tensor([int(step) for step in step_list], dtype=kernel.dtype, device=kernel.device)[:, None]
     residual0 = vectors.T @ (f0 - y)
     train_out = y + (decay**t * residual0) @ vectors.T
     test_out = None
@@ -476,8 +486,12 @@ def critical_lr(kernel: torch.Tensor, *, alpha: float = 1.0) -> float:
     ``(n, n)`` by :math:`1 - 2\\,\\mathrm{lr}\\,\\lambda/(n\\alpha^2)`, which exceeds 1 in magnitude when
     ``lr`` passes this value. Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
-    if not isinstance(kernel, torch.Tensor) or kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
-        raise ValueError(f"kernel must be a square (n, n) torch.Tensor, got {kernel!r:.60}")
+    if not isinstance(kernel, torch.Tensor):
+        raise TypeError(f"kernel must be a torch.Tensor, got {type(kernel).__name__}")
+    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] == 0:
+        raise ValueError(f"kernel must be a square (n, n) matrix, got shape {tuple(kernel.shape)}")
+    if not torch.isfinite(kernel).all():
+        raise ValueError("kernel contains NaN or infinite values")
     alpha = _check_positive_number("alpha", alpha)
     largest = float(torch.linalg.eigvalsh(kernel.detach()).max())
     if largest <= 0:

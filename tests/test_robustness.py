@@ -27,7 +27,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ntkbook  # noqa: E402
-from ntkbook import kernels, models, ntk, plotting, training  # noqa: E402
+from ntkbook import benchmark, kernels, models, ntk, plotting, training  # noqa: E402
 
 PROPERTIES = settings(derandomize=True, max_examples=15, deadline=None, database=None)
 
@@ -428,9 +428,27 @@ TRAINING_CASES: list[Bad] = [
         ValueError, "kernel_test"),
     Bad("training.critical_lr", "kernel not square", lambda: training.critical_lr(_gram()[:3]), ValueError, "kernel"),
     Bad("training.critical_lr", "alpha negative", lambda: training.critical_lr(_gram(), alpha=-1.0), ValueError, "alpha"),
+    Bad("training.train", "x wrong trailing shape", lambda: _train(x=_x(4, 5)), ValueError, "x"),
+    Bad("training.ntk_predict", "kernel NaN", lambda: _predict(kernel=_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
+    Bad("training.ntk_predict", "y inf", lambda: _predict(y=torch.tensor([1.0, INF, 0.0, 0.0], dtype=torch.float64)),
+        ValueError, "y"),
+    Bad("training.critical_lr", "kernel a list", lambda: training.critical_lr([[1.0]]), TypeError, "kernel"),
+    Bad("training.critical_lr", "kernel NaN", lambda: training.critical_lr(_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
 ]
 
-BAD_INPUT += TRAINING_CASES
+BENCHMARK_CASES: list[Bad] = [
+    Bad("benchmark.build_case", "width 0", lambda: benchmark.build_case(0, 4, torch.device("cpu")), ValueError, "width"),
+    Bad("benchmark.build_case", "n 0", lambda: benchmark.build_case(8, 0, torch.device("cpu")), ValueError, "n"),
+    Bad("benchmark.run_case", "unknown method", lambda: benchmark.run_case("fast", 8, 4, torch.device("cpu"), 1),
+        ValueError, "method"),
+    Bad("benchmark.run_case", "repeats 0", lambda: benchmark.run_case("jacobian", 8, 4, torch.device("cpu"), 0),
+        ValueError, "repeats"),
+    Bad("benchmark.benchmark", "unknown method", lambda: benchmark.benchmark([8], 4, ["fast"], "cpu", 1), ValueError, "method"),
+    Bad("benchmark.benchmark", "no widths", lambda: benchmark.benchmark([], 4, ["jacobian"], "cpu", 1), ValueError, "widths"),
+    Bad("benchmark.format_table", "rows not a list of rows", lambda: benchmark.format_table([{"width": 8}]), ValueError, "rows"),
+]
+
+BAD_INPUT += TRAINING_CASES + BENCHMARK_CASES
 
 # Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
 NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main"}
