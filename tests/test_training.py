@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -149,6 +153,9 @@ def test_ntk_predict_single_step_and_singular_kernel() -> None:
     torch.testing.assert_close(out.test, features[:1] @ theta, rtol=1e-12, atol=1e-12)
     assert out.train.shape == (3,) and out.test.shape == (1,)
     assert ntk_predict(kernel, f0, y, lr=lr, steps=0).train.equal(f0)
+    # numpy integers count as step numbers too.
+    several = ntk_predict(kernel, f0, y, lr=lr, steps=np.arange(0, steps + 1, 7).tolist() + [np.int64(steps)])
+    torch.testing.assert_close(several.train[-1], out.train, rtol=0, atol=0)
 
 
 def test_ntk_predict_warns_beyond_the_critical_learning_rate() -> None:
@@ -260,9 +267,6 @@ def test_default_progress_draws_no_text_bar_into_a_notebook_without_ipywidgets(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What the book build is: a Jupyter kernel, no ipywidgets. A text bar there would land in the page.
-    import importlib.util
-    import sys
-
     monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel", sys))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
