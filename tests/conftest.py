@@ -56,12 +56,13 @@ def built_book() -> BookBuild:
     ``tests/test_book.py`` checks the build itself; the browser, determinism and Colab tests read
     ``_build/html`` and ``_build/jupyter_execute`` from this same build instead of building again.
     """
-    # Start from an empty output so that every page, image and notebook checked comes from this build.
-    for stale in (HTML, ROOT / "_build" / "jupyter_execute"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # Build from nothing, as .ci/book's --all does: Sphinx otherwise re-reads (and so executes) only
+    # the sources it thinks changed, and stale doctrees leave citation links pointing at old anchors.
+    # Every page, image and executed notebook checked afterwards then comes from this build.
+    shutil.rmtree(ROOT / "_build", ignore_errors=True)
     jupyter_book = Path(sys.executable).with_name("jupyter-book")
     result = subprocess.run(
-        [str(jupyter_book), "build", str(ROOT), "-W", "-n", "--keep-going"],
+        [str(jupyter_book), "build", str(ROOT), "-W", "-n", "--keep-going", "--all"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import jupytext
 
 import ntkbook
-from conftest import CHAPTERS
+from conftest import CHAPTERS, HTML, BookBuild, toc_files
 
 SOLUTION_TAG = "hide-input"
 
@@ -71,6 +71,7 @@ def public_names(module_name: str) -> list[str]:
 
 def test_api_reference_documents_every_module() -> None:
     api = (CHAPTERS / "api.md").read_text()
+    assert "chapters/api" in toc_files(), "the API reference is not in _toc.yml"
     for name in modules():
         assert re.search(rf"automodule:: {re.escape(name)}\s", api), f"chapters/api.md does not document {name}"
 
@@ -81,6 +82,14 @@ def test_every_public_name_has_a_docstring() -> None:
         module = importlib.import_module(module_name)
         for name in public_names(module_name):
             assert inspect.getdoc(getattr(module, name)), f"{module_name}.{name} has no docstring"
+
+
+def test_api_page_shows_every_public_name(built_book: BookBuild) -> None:
+    assert built_book.returncode == 0, "the book did not build; see test_book.py"
+    page = (HTML / "chapters" / "api.html").read_text()
+    for module_name in modules():
+        for name in public_names(module_name):
+            assert f'id="{module_name}.{name}"' in page, f"the API page does not show {module_name}.{name}"
 
 
 def test_readme_documents_the_timing_tag() -> None:

@@ -231,6 +231,9 @@ def check_buttons(entry: str, page: object, site: str) -> None:
     assert page.locator(".dropdown-download-buttons button.btn-download-pdf-button").count() == 1, (
         f"{entry}: no print-to-PDF button"
     )
+    # The PDF button calls window.print(); printing the page to PDF is what a reader then gets.
+    pdf = page.pdf()
+    assert pdf.startswith(b"%PDF") and len(pdf) > 10_000, f"{entry}: printing to PDF gives {len(pdf)} bytes"
 
     colab = CONFIG["launch_buttons"]["colab_url"].rstrip("/")
     links = page.evaluate(f"() => [...document.querySelectorAll('a[href^=\"{colab}\"]')].map(a => a.href)")
