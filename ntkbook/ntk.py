@@ -42,7 +42,8 @@ from ntkbook.models import NTKLinear
 METHODS = ("auto", "loop", "jacobian", "implicit", "structured")
 MODES = ("full", "trace", "diagonal")
 
-# Feature of one input batch: a list of per-layer entries that `_contract` knows how to pair.
+# What a method extracts from a batch before pairing: one entry per layer or parameter tensor, either a
+# dense layer's factors (A, G, s^2, s_b^2) or per-input gradients of shape (n, k, p).
 Features = list
 
 
@@ -182,7 +183,7 @@ def _contract_symmetric(features: Features, mode: str) -> torch.Tensor:
     kernel = top.new_empty((n, n, *top.shape[2:]))
     kernel[:half] = top
     kernel[half:, half:] = _contract(bottom, bottom, mode)
-    kernel[half:, :half] = _transpose_block(top[:, half:], mode)
+    kernel[half:, :half] = _transpose_block(top[:, half:])
     return kernel
 
 
@@ -379,7 +380,7 @@ def _ranges(n: int, chunk: int | None) -> list[tuple[int, int]]:
     return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
-def _transpose_block(block: torch.Tensor, mode: str) -> torch.Tensor:
+def _transpose_block(block: torch.Tensor) -> torch.Tensor:
     """Θ(x2, x1) from Θ(x1, x2): swap the inputs, and the outputs too in full mode."""
     block = block.transpose(0, 1)
     return block.transpose(2, 3) if block.ndim == 4 else block
@@ -391,7 +392,6 @@ def _blockwise(
     n2: int,
     symmetric: bool,
     chunk: int | None,
-    mode: str,
 ) -> torch.Tensor:
     """Assemble the kernel from blocks ``compute(i0, i1, j0, j1)``; a symmetric kernel computes each
     off-diagonal block once."""
@@ -402,7 +402,7 @@ def _blockwise(
     for bi, (i0, i1) in enumerate(rows):
         for bj, (j0, j1) in enumerate(cols):
             if symmetric and bj < bi:
-                block = _transpose_block(kernel[j0:j1, i0:i1], mode)
+                block = _transpose_block(kernel[j0:j1, i0:i1])
             else:
                 block = compute(i0, i1, j0, j1)
             if kernel is None:
@@ -448,7 +448,7 @@ def _feature_kernel(
             return _contract_symmetric(f1, mode)
         return _contract(f1, column_features(j0, j1), mode)
 
-    return _blockwise(block, x1.shape[0], other.shape[0], symmetric, chunk, mode)
+    return _blockwise(block, x1.shape[0], other.shape[0], symmetric, chunk)
 
 
 def _available_memory(device: torch.device) -> int:
@@ -635,7 +635,7 @@ def empirical_ntk(
         other = x1 if x2 is None else x2
         kernel = _blockwise(
             lambda i0, i1, j0, j1: _implicit_block(model, named, k, x1[i0:i1], other[j0:j1], mode),
-            n1, n2, x2 is None, chunk, mode,
+            n1, n2, x2 is None, chunk,
         )
     return _squeeze(kernel.detach(), mode)
 
