@@ -317,12 +317,19 @@ def _per_input_parameter_gradients(module: nn.Module, name: str, args: tuple, g:
     return [t.reshape(g.shape[0], g.shape[1], -1) for t in grads.values()]
 
 
-def _structured_features(model: nn.Module, layers: dict[nn.Module, str], name: str, x: torch.Tensor) -> Features:
-    """One forward pass recording each layer's input and output, one backward pass per output to the layer
-    outputs, then per-layer factors: ``(A, G, s^2, s_b^2)`` for dense layers, per-input gradients otherwise."""
+def _record_layers(
+    model: nn.Module, layers: dict[nn.Module, str], name: str, x: torch.Tensor, copy: bool
+) -> tuple[torch.Tensor, dict[nn.Module, tuple[tuple, torch.Tensor]]]:
+    """Run the model once, recording each layer's inputs and output. ``copy`` hands each layer copies of
+    its inputs and the rest of the network a copy of its output, so that in-place operations elsewhere
+    (``nn.ReLU(inplace=True)``) cannot overwrite what was recorded."""
     captured: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
+    versions: dict[nn.Module, list[int]] = {}
 
-    def record(module: nn.Module, args: tuple, output: object) -> None:
+    def copy_inputs(module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+    def record(module: nn.Module, args: tuple, output: object) -> torch.Tensor | None:
         if module in captured:
             raise NotStructuredError(
                 f"module {layers[module]!r} ({type(module).__name__}) is applied more than once per forward "
@@ -334,13 +341,26 @@ def _structured_features(model: nn.Module, layers: dict[nn.Module, str], name: s
                 "tensors; method='structured' needs tensor inputs and one tensor output per layer"
             )
         captured[module] = (args, output)
+        versions[module] = [t._version for t in (*args, output)]
+        return output.clone() if copy else None
 
     handles = [module.register_forward_hook(record) for module in layers]
+    if copy:
+        handles += [module.register_forward_pre_hook(copy_inputs) for module in layers]
     try:
         out = _apply(model, name, x)
     finally:
         for handle in handles:
             handle.remove()
+    if not copy and any(versions[m] != [t._version for t in (*a, z)] for m, (a, z) in captured.items()):
+        return _record_layers(model, layers, name, x, copy=True)
+    return out, captured
+
+
+def _structured_features(model: nn.Module, layers: dict[nn.Module, str], name: str, x: torch.Tensor) -> Features:
+    """One forward pass recording each layer's input and output, one backward pass per output to the layer
+    outputs, then per-layer factors: ``(A, G, s^2, s_b^2)`` for dense layers, per-input gradients otherwise."""
+    out, captured = _record_layers(model, layers, name, x, copy=False)
     _check_parameters_stay_inside(out, captured, layers)
     n, k = out.shape
     order = [m for m in layers if m in captured and captured[m][1].requires_grad]
