@@ -597,7 +597,8 @@ def empirical_ntk(
             ``requires_grad`` counts, the others and buffers are constants. Each input's output must
             depend on that input alone (BatchNorm in training mode is refused).
         x1: inputs of shape ``(n1, ...)``, same dtype and device as the model.
-        x2: inputs of shape ``(n2, ...)``; ``None`` means ``x1``, and symmetry halves the work.
+        x2: inputs of shape ``(n2, ...)``; ``None`` means ``x1``, whose per-input quantities are then
+            computed once, and a quarter of the symmetric kernel is copied instead of computed.
         method: ``"loop"`` (one backward pass per input and output), ``"jacobian"`` (``vmap(jacrev)``
             and a contraction per parameter tensor), ``"implicit"`` (``vjp`` then ``jvp``, never forming
             the Jacobian of ``x1``), ``"structured"`` (the per-layer factorisation
@@ -634,7 +635,7 @@ def empirical_ntk(
             kernel = _feature_kernel(
                 lambda name, x: _structured_features(model, layers, name, x), x1, x2, chunk, mode, True
             )
-            return _squeeze(kernel.detach(), mode)
+            return _squeeze(kernel.detach())
         except NotStructuredError:
             if method == "structured":
                 raise
@@ -643,7 +644,7 @@ def empirical_ntk(
 
     if method == "loop":
         kernel = _feature_kernel(lambda name, x: _loop_features(model, params, name, x), x1, x2, chunk, mode, False)
-        return _squeeze(kernel.detach(), mode)
+        return _squeeze(kernel.detach())
 
     k = _probe(model, "x1", x1)
     if x2 is not None and _probe(model, "x2", x2) != k:
@@ -657,10 +658,10 @@ def empirical_ntk(
             lambda i0, i1, j0, j1: _implicit_block(model, named, k, x1[i0:i1], other[j0:j1], mode),
             n1, n2, x2 is None, chunk,
         )
-    return _squeeze(kernel.detach(), mode)
+    return _squeeze(kernel.detach())
 
 
-def _squeeze(kernel: torch.Tensor, mode: str) -> torch.Tensor:
+def _squeeze(kernel: torch.Tensor) -> torch.Tensor:
     """One output per input: every mode is the ``(n1, n2)`` matrix."""
     if kernel.ndim > 2 and kernel.shape[-1] == 1:
         return kernel.reshape(kernel.shape[:2])
