@@ -161,7 +161,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: ``python -m ntkbook.benchmark --help``."""
-    parser = argparse.ArgumentParser(prog="python -m ntkbook.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ntkbook.benchmark", description="Time and peak memory of each empirical_ntk method against one forward + backward pass.")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096], help="hidden widths w")
     parser.add_argument("--n", type=int, default=256, help="number of inputs (default 256)")
     parser.add_argument("--methods", nargs="+", default=["jacobian", "implicit", "structured"],
