@@ -123,7 +123,9 @@ def run_in_colab(colab_runtime: ColabRuntime, tmp_path_factory: pytest.TempPathF
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(colab_runtime.kernel_dirs)]),
         )
-        client = NotebookClient(notebook, km=manager, timeout=600, resources={"metadata": {"path": str(folder)}})
+        client = NotebookClient(
+            notebook, km=manager, timeout=600, startup_timeout=180, resources={"metadata": {"path": str(folder)}}
+        )
         error = None
         try:
             client.execute(env=kernel_environment(colab_runtime.python, NTKBOOK_INSTALL=str(colab_runtime.ntkbook_source)))
