@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # figures for the plotting cases are never shown
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
