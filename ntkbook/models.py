@@ -157,7 +157,12 @@ def dense(
 
 
 class TwoLayerNet(nn.Module):
-    """One hidden ReLU layer: :math:`f(x) = V\\,\\mathrm{relu}(W x)`, shape ``(n, d) -> (n, k)``.
+    """One hidden ReLU layer of width :math:`m`, mapping ``(n, d)`` to ``(n, k)``.
+
+    In the NTK parameterisation with ``bias_std = 0``,
+    :math:`f(x) = \\frac{\\sigma_w}{\\sqrt m} V\\,\\mathrm{relu}\\big(\\frac{\\sigma_w}{\\sqrt d} W x\\big)`
+    with :math:`W, V` entrywise :math:`\\mathcal N(0, 1)`; in the standard one,
+    :math:`f(x) = V\\,\\mathrm{relu}(W x + b) + c` with PyTorch's initialisation.
 
     The network of chapter 1 (:doc:`/chapters/01_loop_ntk`). Layers are ``hidden`` and ``readout``;
     see :func:`dense` for the two parameterisations.
@@ -190,7 +195,8 @@ class HadamardNet(nn.Module):
     """A hidden layer that is the Hadamard product of two ReLU branches.
 
     :math:`f(x) = V\\,[\\mathrm{relu}(W_1 x) \\odot \\mathrm{relu}(W_2 x)]`, shape ``(n, d) -> (n, k)``,
-    the building block of polynomial nets. Layers are ``branch1``, ``branch2`` and ``readout``;
+    the building block of polynomial nets, where each product :math:`W a` carries the factor
+    :math:`\\sigma_w/\\sqrt{\\text{fan-in}}` in the NTK parameterisation (see :func:`dense`). Layers are ``branch1``, ``branch2`` and ``readout``;
     see :func:`dense` for the two parameterisations.
     """
 

@@ -14,7 +14,7 @@ import jupytext
 import ntkbook
 from conftest import CHAPTERS, HTML, BookBuild, toc_files
 
-SOLUTION_TAG = "hide-input"
+SOLUTION_TAG = "hide-cell"
 
 
 def sections(chapter: Path) -> list[tuple[str, list]]:

@@ -108,10 +108,10 @@ def source_has_math(entry: str) -> bool:
     return False
 
 
-def hide_input_cells(entry: str) -> int:
-    """How many code cells of a chapter carry the ``hide-input`` tag (exercise solutions)."""
+def hidden_cells(entry: str) -> int:
+    """How many code cells of a chapter carry the ``hide-cell`` tag (exercise solutions)."""
     text = (ROOT / f"{entry}.md").read_text()
-    return len(re.findall(r"```\{code-cell\}[^\n]*\n:tags: \[[^\]]*\bhide-input\b", text))
+    return len(re.findall(r"```\{code-cell\}[^\n]*\n:tags: \[[^\]]*\bhide-cell\b", text))
 
 
 def git_tracks(path: Path) -> bool:
@@ -250,12 +250,17 @@ def check_buttons(entry: str, page: object, site: str) -> None:
 
 
 def check_hidden_solutions(entry: str, page: object) -> None:
-    """Exercise solutions (``hide-input`` cells) are collapsed: the reader sees a toggle, not the code."""
-    expected = hide_input_cells(entry)
+    """Exercise solutions (``hide-cell`` cells) are collapsed: the reader sees a toggle, not the code
+    or its output, which would give the answer away."""
+    expected = hidden_cells(entry)
     toggles = page.locator("details.hide.above-input")
-    assert toggles.count() == expected, f"{entry}: {toggles.count()} collapsed code cells, {expected} tagged hide-input"
+    assert toggles.count() == expected, f"{entry}: {toggles.count()} collapsed code cells, {expected} tagged hide-cell"
     for i in range(expected):
         toggle = toggles.nth(i)
         assert toggle.get_attribute("open") is None, f"{entry}: solution {i + 1} is open by default"
         assert not toggle.locator("pre").first.is_visible(), f"{entry}: the code of solution {i + 1} is visible"
+        outputs = toggle.locator(".cell_output")
+        assert all(not outputs.nth(j).is_visible() for j in range(outputs.count())), (
+            f"{entry}: the output of solution {i + 1} is visible"
+        )
         assert toggle.locator("summary").is_visible(), f"{entry}: solution {i + 1} has no visible toggle"
