@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.image import AxesImage
+from matplotlib.lines import Line2D
 
 #: The matplotlib ``rcParams`` that :func:`set_style` applies: one look for every figure.
 STYLE: dict[str, object] = {
@@ -109,8 +110,14 @@ def add_reference_slope(
     slope: float,
     *,
     label: str | None = None,
-) -> None:
-    """Draw a dashed line of the given log-log ``slope`` through the geometric mean of the data ``(x, y)``."""
+    **line_options: object,
+) -> Line2D:
+    """Draw a line of the given log-log ``slope`` through the geometric mean of the data ``(x, y)``.
+
+    Black, dashed and drawn above the data points by default (so the data never hide it);
+    ``line_options`` (``color``, ``linestyle``, ``zorder``, ...) go to ``ax.plot`` and override
+    those defaults, to tell several reference lines apart. Returns the line.
+    """
     if not isinstance(ax, Axes):
         raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
     if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not np.isfinite(slope):
@@ -118,4 +125,6 @@ def add_reference_slope(
     xs, ys = _loglog_data(x, y)
     x0, y0 = np.exp(np.log(xs).mean()), np.exp(np.log(ys).mean())
     grid = np.array([xs.min(), xs.max()])
-    ax.plot(grid, y0 * (grid / x0) ** slope, "k--", linewidth=1.0, label=label or f"slope {slope:g}")
+    options = {"color": "k", "linestyle": "--", "linewidth": 1.0, "zorder": 3} | line_options
+    (line,) = ax.plot(grid, y0 * (grid / x0) ** slope, label=label or f"slope {slope:g}", **options)
+    return line

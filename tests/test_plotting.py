@@ -60,3 +60,12 @@ def test_reference_slope_passes_through_geometric_mean() -> None:
     assert np.allclose(np.log(ys[1] / ys[0]) / np.log(xs[1] / xs[0]), -0.5)
     assert line.get_label() == "slope -0.5"
     plt.close(fig)
+
+
+def test_reference_slope_takes_line_options_and_sits_above_data() -> None:
+    fig, ax = plt.subplots()
+    default = add_reference_slope(ax, [1.0, 10.0], [1.0, 2.0], 1.0)
+    styled = add_reference_slope(ax, [1.0, 10.0], [1.0, 2.0], 2.0, color="C1", linestyle=":")
+    assert default.get_linestyle() == "--" and default.get_zorder() > 2  # Line2D default is 2
+    assert styled.get_linestyle() == ":" and styled.get_color() == "C1"
+    plt.close(fig)
