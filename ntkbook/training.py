@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from ntkbook.models import _check_positive_int
 from ntkbook.ntk import empirical_ntk
 
 if TYPE_CHECKING:
@@ -77,14 +78,6 @@ def _check_positive_number(name: str, value: object) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     return float(value)
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
 
 
 def _check_model(model: object) -> list[nn.Parameter]:
