@@ -80,6 +80,30 @@ def _check_pair(x1: object, x2: object) -> tuple[torch.Tensor, torch.Tensor]:
     return x1, x2
 
 
+def _input_covariance(
+    x1: torch.Tensor, x2: torch.Tensor, var_w: float, var_b: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First-layer pre-activation covariances :math:`\\sigma_w^2 \\langle x, x'\\rangle / d + \\sigma_b^2`:
+    ``(cross (n1, n2), diag1 (n1,), diag2 (n2,))``."""
+    fan_in = x1.shape[1]
+    cross = var_w * (x1 @ x2.T) / fan_in + var_b
+    diag1 = var_w * (x1 * x1).sum(dim=1) / fan_in + var_b
+    diag2 = var_w * (x2 * x2).sum(dim=1) / fan_in + var_b
+    return cross, diag1, diag2
+
+
+def _scale_and_cosine(
+    cross: torch.Tensor, diag1: torch.Tensor, diag2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`\\sqrt{\\Sigma(x,x)\\Sigma(x',x')}` and the cosine :math:`\\rho` of a covariance.
+
+    A pre-activation of variance 0 is identically 0, so relu and relu' vanish there: any cosine
+    gives the right (zero) terms, and 0 is the continuous extension that keeps them finite."""
+    scale = torch.sqrt(diag1[:, None] * diag2[None, :])
+    positive = scale > 0
+    return scale, torch.where(positive, cross / torch.where(positive, scale, 1.0), 0.0)
+
+
 def _relu_recursion(
     x1: object, x2: object, depth: object, weight_std: object, bias_std: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,17 +112,10 @@ def _relu_recursion(
     depth = _check_positive_int("depth", depth)
     var_w = _check_std("weight_std", weight_std) ** 2
     var_b = _check_std("bias_std", bias_std) ** 2
-    fan_in = x1.shape[1]
-    cross = var_w * (x1 @ x2.T) / fan_in + var_b
-    diag1 = var_w * (x1 * x1).sum(dim=1) / fan_in + var_b
-    diag2 = var_w * (x2 * x2).sum(dim=1) / fan_in + var_b
+    cross, diag1, diag2 = _input_covariance(x1, x2, var_w, var_b)
     ntk = cross
     for _ in range(depth):
-        scale = torch.sqrt(diag1[:, None] * diag2[None, :])
-        # A pre-activation of variance 0 is identically 0, so relu and relu' vanish there: any
-        # cosine gives the right (zero) terms, and 0 is the continuous extension.
-        positive = scale > 0
-        cosine = torch.where(positive, cross / torch.where(positive, scale, 1.0), 0.0)
+        scale, cosine = _scale_and_cosine(cross, diag1, diag2)
         cross = 0.5 * var_w * scale * kappa1(cosine) + var_b
         derivative = 0.5 * var_w * kappa0(cosine)
         ntk = cross + ntk * derivative
@@ -264,15 +281,8 @@ def _hadamard_terms(
     x1, x2 = _check_pair(x1, x2)
     var_w = _check_std("weight_std", weight_std) ** 2
     var_b = _check_std("bias_std", bias_std) ** 2
-    fan_in = x1.shape[1]
-    cross = var_w * (x1 @ x2.T) / fan_in + var_b
-    diag1 = var_w * (x1 * x1).sum(dim=1) / fan_in + var_b
-    diag2 = var_w * (x2 * x2).sum(dim=1) / fan_in + var_b
-    scale = torch.sqrt(diag1[:, None] * diag2[None, :])
-    # A branch pre-activation of variance 0 is identically 0: relu and relu' vanish there, so the
-    # cosine is arbitrary and 0 keeps every term finite (the terms it multiplies are 0).
-    positive = scale > 0
-    cosine = torch.where(positive, cross / torch.where(positive, scale, 1.0), 0.0)
+    cross, diag1, diag2 = _input_covariance(x1, x2, var_w, var_b)
+    scale, cosine = _scale_and_cosine(cross, diag1, diag2)
     return cross, 0.5 * scale * kappa1(cosine), 0.5 * kappa0(cosine), var_w, var_b
 
 

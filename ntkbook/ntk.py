@@ -51,12 +51,16 @@ class NotStructuredError(ValueError):
     """The model breaks an assumption of ``method="structured"``; the message names the module."""
 
 
-def _trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
+def _trainable_parameters(
+    model: nn.Module, consequence: str = "its NTK is not defined"
+) -> list[torch.nn.Parameter]:
+    """The parameters with ``requires_grad``; refuses a non-module or a model without any, saying
+    what follows (``consequence``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("model has no parameters with requires_grad=True, so its NTK is not defined")
+        raise ValueError(f"model has no parameters with requires_grad=True, so {consequence}")
     return params
 
 

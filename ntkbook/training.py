@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from ntkbook.models import _check_positive_int
-from ntkbook.ntk import empirical_ntk
+from ntkbook.ntk import _trainable_parameters, empirical_ntk
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -81,12 +81,7 @@ def _check_positive_number(name: str, value: object) -> float:
 
 
 def _check_model(model: object) -> list[nn.Parameter]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no parameters with requires_grad=True, so there is nothing to train")
-    return params
+    return _trainable_parameters(model, "there is nothing to train")
 
 
 def _check_tensor(name: str, value: object, reference: torch.Tensor) -> torch.Tensor:
