@@ -99,7 +99,12 @@ def _scale_and_cosine(
 
     A pre-activation of variance 0 is identically 0, so relu and relu' vanish there: any cosine
     gives the right (zero) terms, and 0 is the continuous extension that keeps them finite."""
-    scale = torch.sqrt(diag1[:, None] * diag2[None, :])
+    product = diag1[:, None] * diag2[None, :]
+    # The root of the product is exact for x with itself (cosine 1, where kappa0 has infinite slope), but
+    # the product can underflow where the scale itself does not: inputs of norms 1e-17 and 1e-6 in
+    # float32 have a scale of 1e-23 and a product below 1e-45. There the product of the roots is used.
+    underflow = product < torch.finfo(product.dtype).tiny
+    scale = torch.where(underflow, torch.sqrt(diag1)[:, None] * torch.sqrt(diag2)[None, :], torch.sqrt(product))
     positive = scale > 0
     return scale, torch.where(positive, cross / torch.where(positive, scale, 1.0), 0.0)
 

@@ -74,11 +74,14 @@ def _check_input(name: str, x: object, reference: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters are {reference.dtype}")
     if x.device != reference.device:
         raise ValueError(f"{name} is on {x.device} but the model's parameters are on {reference.device}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} and the model are on the meta device, which holds shapes but no values")
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty batch of shape (n, ...) with n >= 1, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
-    return x
+    # A tensor made under torch.inference_mode() cannot be saved for a backward pass; a copy can.
+    return x.clone() if x.is_inference() else x
 
 
 def _check_options(method: object, mode: object, chunk_size: object) -> None:
@@ -92,14 +95,20 @@ def _check_options(method: object, mode: object, chunk_size: object) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
 
 
-def _refuse_batch_coupling(model: nn.Module) -> None:
-    """BatchNorm with batch statistics mixes the inputs of a batch, so one input's NTK is undefined."""
+def _refuse_training_mode_layers(model: nn.Module) -> None:
+    """BatchNorm with batch statistics mixes the inputs of a batch, so one input's NTK is undefined; active
+    dropout makes the model random, so its NTK changes from call to call."""
     for name, module in model.named_modules():
+        label = f"module {name or type(model).__name__!r} ({type(module).__name__})"
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None):
             raise ValueError(
-                f"module {name or type(model).__name__!r} ({type(module).__name__}) normalises with batch "
-                "statistics, so each output depends on the whole batch and the NTK of one input is undefined; "
-                "call model.eval() (with running statistics) first"
+                f"{label} normalises with batch statistics, so each output depends on the whole batch and the "
+                "NTK of one input is undefined; call model.eval() (with running statistics) first"
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            raise ValueError(
+                f"{label} is in training mode, so the model is random and its NTK changes from call to call; "
+                "call model.eval() first"
             )
 
 
@@ -142,14 +151,19 @@ def _gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0)).permute(1, 2, 0)
 
 
+def _outputs_per_input(features: Features) -> int:
+    """``k``, from the first feature entry: ``(A, G, s^2, s_b^2)`` with ``G`` of shape ``(n, k, ...)``, or
+    per-input gradients ``(n, k, p)``."""
+    first = features[0]
+    return first[1].shape[1] if isinstance(first, tuple) else first.shape[1]
+
+
 def _contract(f1: Features, f2: Features, mode: str) -> torch.Tensor:
     """Sum the per-layer kernels of two feature lists (see :func:`_structured_features`).
 
     Dense entries ``(A, G, s^2, s_b^2)`` contribute :math:`(G G'^\\top) \\odot (s^2 A A'^\\top + s_b^2)`, other
     entries :math:`J J'^\\top`. With one output every mode is the ``(n1, n2)`` matrix, computed as such."""
-    first = f1[0]
-    k = first[1].shape[1] if isinstance(first, tuple) else first.shape[1]
-    mode = "trace" if k == 1 else mode
+    mode = "trace" if _outputs_per_input(f1) == 1 else mode
     total = None
     for e1, e2 in zip(f1, f2):
         if not isinstance(e1, tuple):
@@ -265,13 +279,37 @@ def _layers(model: nn.Module) -> dict[nn.Module, str]:
     }
 
 
+def _structured_layers(model: nn.Module) -> dict[nn.Module, str]:
+    """:func:`_layers`, refusing a trainable parameter registered in two modules (weight tying): each
+    module's share would miss the cross terms between the two uses."""
+    owner: dict[int, str] = {}
+    layers = _layers(model)
+    for module, name in layers.items():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and owner.setdefault(id(p), name) != name:
+                raise NotStructuredError(
+                    f"modules {owner[id(p)]!r} and {name!r} share a parameter; method='structured' needs each "
+                    "parameter to belong to one module"
+                )
+    return layers
+
+
 def _dense_factors(module: nn.Module) -> tuple[float, float] | None:
-    """``(s, s_b)`` with ``z = s W a + s_b b`` for the dense layers whose forward ntkbook knows exactly."""
+    """``(s, s_b)`` with ``z = s W a + s_b b`` for the dense layers whose forward ntkbook knows exactly: an
+    ``nn.Linear`` or :class:`~ntkbook.models.NTKLinear` whose ``weight`` and ``bias`` are its own
+    parameters, used as they are (no pruning mask or other forward hook in between)."""
     if type(module) is nn.Linear:
-        return 1.0, 1.0
-    if type(module) is NTKLinear:
-        return module.weight_scale, module.bias_std
-    return None
+        factors = 1.0, 1.0
+    elif type(module) is NTKLinear:
+        factors = module.weight_scale, module.bias_std
+    else:
+        return None
+    own = module._parameters
+    if own.get("weight") is not module.weight or own.get("bias") is not module.bias:
+        return None
+    if module._forward_pre_hooks or module._forward_hooks:
+        return None
+    return factors
 
 
 def _check_parameters_stay_inside(out: torch.Tensor, captured: dict, layers: dict[nn.Module, str]) -> None:
@@ -314,11 +352,41 @@ def _per_input_parameter_gradients(module: nn.Module, name: str, args: tuple, g:
 
     try:
         grads = vmap(per_input)(*args, g)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except RuntimeError as err:
         raise NotStructuredError(
             f"cannot take per-input gradients of module {name!r} ({type(module).__name__}) with torch.func: {err}"
         ) from None
     return [t.reshape(g.shape[0], g.shape[1], -1) for t in grads.values()]
+
+
+def _check_one_row_per_input(module: nn.Module, name: str, tensors: tuple, n: int) -> None:
+    """A layer must take and give one row per input. A tensor with another first dimension (a constant,
+    a table of positions, a reshape across inputs) is shared by several inputs or splits one, and the
+    per-layer factorisation would pair the wrong rows."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (t.ndim == 0 or t.shape[0] != n):
+            raise NotStructuredError(
+                f"module {name!r} ({type(module).__name__}) takes or gives a tensor of shape {tuple(t.shape)}, "
+                f"not one row per input for a batch of {n}; method='structured' needs every layer to act on "
+                "the rows of its inputs"
+            )
+
+
+def _check_rows_at_one_input(model: nn.Module, layers: dict[nn.Module, str], name: str, x: torch.Tensor) -> None:
+    """Run one input through the model: a first dimension that only happened to equal the batch size
+    (``n`` positions for ``n`` inputs) is then not 1."""
+
+    def check(module: nn.Module, args: tuple, output: object) -> None:
+        _check_one_row_per_input(module, layers[module], (*args, output), 1)
+
+    handles = [module.register_forward_hook(check) for module in layers]
+    try:
+        _probe(model, name, x)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _record_layers(
@@ -333,22 +401,29 @@ def _record_layers(
     def copy_inputs(module: nn.Module, args: tuple) -> tuple:
         return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
-    def record(module: nn.Module, args: tuple, output: object) -> torch.Tensor | None:
+    def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> torch.Tensor | None:
+        label = f"module {layers[module]!r} ({type(module).__name__})"
         if module in captured:
             raise NotStructuredError(
-                f"module {layers[module]!r} ({type(module).__name__}) is applied more than once per forward "
-                "pass; method='structured' needs each layer with trainable parameters applied once"
+                f"{label} is applied more than once per forward pass; method='structured' needs each layer "
+                "with trainable parameters applied once"
+            )
+        if kwargs:
+            raise NotStructuredError(
+                f"{label} is called with keyword arguments ({', '.join(kwargs)}); method='structured' needs "
+                "layers called with positional tensors only"
             )
         if not isinstance(output, torch.Tensor) or any(not isinstance(a, torch.Tensor) for a in args):
             raise NotStructuredError(
-                f"module {layers[module]!r} ({type(module).__name__}) takes or returns something other than "
-                "tensors; method='structured' needs tensor inputs and one tensor output per layer"
+                f"{label} takes or returns something other than tensors; method='structured' needs tensor "
+                "inputs and one tensor output per layer"
             )
+        _check_one_row_per_input(module, layers[module], (*args, output), x.shape[0])
         captured[module] = (args, output)
         versions[module] = [t._version for t in (*args, output)]
         return output.clone() if copy else None
 
-    handles = [module.register_forward_hook(record) for module in layers]
+    handles = [module.register_forward_hook(record, with_kwargs=True) for module in layers]
     if copy:
         handles += [module.register_forward_pre_hook(copy_inputs) for module in layers]
     try:
@@ -366,6 +441,8 @@ def _structured_features(model: nn.Module, layers: dict[nn.Module, str], name: s
     outputs, then per-layer factors: ``(A, G, s^2, s_b^2)`` for dense layers, per-input gradients otherwise."""
     out, captured = _record_layers(model, layers, name, x, copy=False)
     _check_parameters_stay_inside(out, captured, layers)
+    if x.shape[0] > 1:
+        _check_rows_at_one_input(model, layers, name, x)
     n, k = out.shape
     order = [m for m in layers if m in captured and captured[m][1].requires_grad]
     if not order or not out.requires_grad:
@@ -470,7 +547,11 @@ def _feature_kernel(
         f1 = row_features(i0, i1)
         if symmetric and i0 == j0:
             return _contract_symmetric(f1, mode)
-        return _contract(f1, column_features(j0, j1), mode)
+        f2 = column_features(j0, j1)
+        k1, k2 = _outputs_per_input(f1), _outputs_per_input(f2)
+        if k1 != k2:
+            raise ValueError(f"the model gives x1 {k1} outputs per input but x2 {k2}")
+        return _contract(f1, f2, mode)
 
     return _blockwise(block, x1.shape[0], other.shape[0], symmetric, chunk)
 
@@ -579,10 +660,17 @@ def _pick_method(
         return "jacobian", None
     if fits["implicit"]:
         return "implicit", None
-    chunk = max(1, min(n1, n2))
-    while chunk > 1 and memory_estimate(model, x1, x2, method="implicit", mode=mode, chunk_size=chunk) > budget:
+    return "implicit", _fitting_chunk(model, x1, x2, "implicit", mode)
+
+
+def _fitting_chunk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, method: str, mode: str) -> int:
+    """The largest ``chunk_size``, from the smaller batch halving down to 1, whose
+    :func:`memory_estimate` fits in half the free memory."""
+    budget = _available_memory(x1.device) // 2
+    chunk = max(1, min(x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]))
+    while chunk > 1 and memory_estimate(model, x1, x2, method=method, mode=mode, chunk_size=chunk) > budget:
         chunk //= 2
-    return "implicit", chunk
+    return chunk
 
 
 def empirical_ntk(
@@ -599,7 +687,8 @@ def empirical_ntk(
     Args:
         model: a module mapping a batch ``(n, ...)`` to ``(n,)`` or ``(n, k)``; every parameter with
             ``requires_grad`` counts, the others and buffers are constants. Each input's output must
-            depend on that input alone (BatchNorm in training mode is refused).
+            depend on that input alone, and the model must not be random: BatchNorm in training mode
+            and active dropout are refused (call ``model.eval()``).
         x1: inputs of shape ``(n1, ...)``, same dtype and device as the model.
         x2: inputs of shape ``(n2, ...)``; ``None`` means ``x1``, whose per-input quantities are then
             computed once, and a quarter of the symmetric kernel is copied instead of computed.
@@ -608,8 +697,9 @@ def empirical_ntk(
             the Jacobian of ``x1``), ``"structured"`` (the per-layer factorisation
             :math:`\\Theta = \\sum_l (G_l G_l'^\\top) \\odot (s_l^2 A_l A_l'^\\top + s_{b,l}^2)` for
             ``nn.Linear`` and :class:`~ntkbook.models.NTKLinear`, per-input gradients of the layer's own
-            parameters for any other layer; each layer must be applied once per forward pass and its
-            parameters used only inside it, else :class:`NotStructuredError` names the module), or
+            parameters for any other layer; each layer must be applied once per forward pass, to
+            positional tensors with one row per input, and own its parameters alone, using them only
+            inside its forward, else :class:`NotStructuredError` names the module), or
             ``"auto"``: "structured" when it applies, else whichever of "jacobian" and "implicit" is
             cheaper and fits in memory.
         mode: for ``k`` outputs, ``"full"`` gives ``(n1, n2, k, k)``; ``"trace"`` gives ``(n1, n2)``, the
@@ -620,49 +710,75 @@ def empirical_ntk(
             stays bounded by the blocks (see :func:`memory_estimate`); ``None`` does it in one block.
 
     Returns:
-        The kernel in the model's dtype and on its device, detached from the graph.
+        The kernel in the model's dtype and on its device, detached from the graph. The same inside
+        ``torch.no_grad()``; inside ``torch.inference_mode()``, which forbids differentiation, a
+        ``ValueError``.
     """
     params = _trainable_parameters(model)
     reference = params[0]
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            "empirical_ntk differentiates the model, which torch.inference_mode() forbids; call it outside "
+            "inference mode (inside torch.no_grad() is fine)"
+        )
     x1 = _check_input("x1", x1, reference)
     if x2 is not None:
         x2 = _check_input("x2", x2, reference)
     _check_options(method, mode, chunk_size)
-    _refuse_batch_coupling(model)
-    n1 = x1.shape[0]
-    n2 = n1 if x2 is None else x2.shape[0]
-    chunk = chunk_size
+    _refuse_training_mode_layers(model)
+    # Every method differentiates the model, whether or not the caller is inside torch.no_grad().
+    with torch.enable_grad():
+        return _squeeze(_kernel(model, params, x1, x2, method, mode, chunk_size).detach())
 
+
+def _kernel(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    x1: torch.Tensor,
+    x2: torch.Tensor | None,
+    method: str,
+    mode: str,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """:func:`empirical_ntk` after its checks: dispatch to a method, falling back as ``"auto"`` promises."""
+    chunk = chunk_size
     if method in ("auto", "structured"):
-        layers = _layers(model)
         try:
-            kernel = _feature_kernel(
+            layers = _structured_layers(model)
+            return _feature_kernel(
                 lambda name, x: _structured_features(model, layers, name, x), x1, x2, chunk, mode, True
             )
-            return _squeeze(kernel.detach())
         except NotStructuredError:
             if method == "structured":
                 raise
+        auto = True
         method, picked = _pick_method(model, params, x1, x2, _probe(model, "x1", x1), mode)
         chunk = chunk_size or picked
+    else:
+        auto = False
 
     if method == "loop":
-        kernel = _feature_kernel(lambda name, x: _loop_features(model, params, name, x), x1, x2, chunk, mode, False)
-        return _squeeze(kernel.detach())
+        return _feature_kernel(lambda name, x: _loop_features(model, params, name, x), x1, x2, chunk, mode, False)
 
     k = _probe(model, "x1", x1)
     if x2 is not None and _probe(model, "x2", x2) != k:
         raise ValueError("the model gives x1 and x2 different numbers of outputs per input")
     named = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    if method == "jacobian":
-        kernel = _feature_kernel(lambda name, x: _jacobian_features(model, named, k, x), x1, x2, chunk, mode, False)
-    else:
+    if method == "implicit":
         other = x1 if x2 is None else x2
-        kernel = _blockwise(
-            lambda i0, i1, j0, j1: _implicit_block(model, named, k, x1[i0:i1], other[j0:j1], mode),
-            n1, n2, x2 is None, chunk,
-        )
-    return _squeeze(kernel.detach())
+        try:
+            return _blockwise(
+                lambda i0, i1, j0, j1: _implicit_block(model, named, k, x1[i0:i1], other[j0:j1], mode),
+                x1.shape[0], other.shape[0], x2 is None, chunk,
+            )
+        except NotImplementedError as err:
+            if not auto:
+                raise NotImplementedError(
+                    "method='implicit' needs forward-mode AD, which torch lacks for an operation of this model "
+                    f"({err}); method='jacobian' needs reverse mode only"
+                ) from None
+            chunk = chunk_size or _fitting_chunk(model, x1, x2, "jacobian", mode)
+    return _feature_kernel(lambda name, x: _jacobian_features(model, named, k, x), x1, x2, chunk, mode, False)
 
 
 def _squeeze(kernel: torch.Tensor) -> torch.Tensor:

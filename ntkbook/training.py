@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from ntkbook.models import _check_positive_int
-from ntkbook.ntk import _trainable_parameters, empirical_ntk
+from ntkbook.ntk import _check_input, _trainable_parameters, empirical_ntk
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -59,7 +59,7 @@ class History:
     - ``loss``: ``(steps + 1,)`` float64, the plain mean squared error :math:`\\frac1n\\sum_i (f(x_i;\\theta_t) - y_i)^2`
       (not divided by :math:`\\alpha^2`, so runs with different ``alpha`` compare directly).
     - ``relative_change``: ``(steps + 1,)`` float64, :math:`\\lVert\\theta_t - \\theta_0\\rVert / \\lVert\\theta_0\\rVert`
-      over all trainable parameters flattened into one vector.
+      over all trainable parameters flattened into one vector; NaN if every parameter starts at zero.
     - ``initial_norm``: :math:`\\lVert\\theta_0\\rVert`, so ``relative_change * initial_norm`` is the distance travelled.
     - ``ntk``: ``{step: kernel}``, empirical NTKs ``(n, n)`` on the training inputs, when ``ntk_every`` was set.
 
@@ -82,20 +82,6 @@ def _check_positive_number(name: str, value: object) -> float:
 
 def _check_model(model: object) -> list[nn.Parameter]:
     return _trainable_parameters(model, "there is nothing to train")
-
-
-def _check_tensor(name: str, value: object, reference: torch.Tensor) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype != reference.dtype:
-        raise TypeError(f"{name} has dtype {value.dtype} but the model's parameters are {reference.dtype}")
-    if value.device != reference.device:
-        raise ValueError(f"{name} is on {value.device} but the model's parameters are on {reference.device}")
-    if value.ndim < 1 or value.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch of shape (n, ...), got shape {tuple(value.shape)}")
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return value
 
 
 def _targets_like(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -147,8 +133,8 @@ def train(
     Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
     params = _check_model(model)
-    x = _check_tensor("x", x, params[0])
-    y = _check_tensor("y", y, params[0])
+    x = _check_input("x", x, params[0])
+    y = _check_input("y", y, params[0])
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
     steps = _check_positive_int("steps", steps)
@@ -192,7 +178,8 @@ def train(
         losses.append(float(mse.detach()))
         with torch.no_grad():
             distance = math.sqrt(sum(float(((p - p0) ** 2).sum()) for p, p0 in zip(params, theta0)))
-        changes.append(distance / initial_norm)
+        # With every parameter at zero there is no scale to be relative to.
+        changes.append(distance / initial_norm if initial_norm > 0 else math.nan)
         if step == steps:
             break
         grads = torch.autograd.grad(mse / alpha**2, params, allow_unused=True)
@@ -359,6 +346,28 @@ class NTKPrediction:
     test: torch.Tensor | None
 
 
+def _check_kernel(
+    name: str, value: object, columns: int | None = None, reference: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A finite floating-point matrix: square ``(n, n)`` when ``columns`` is None, else ``(m, columns)``
+    with the dtype and device of ``reference``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if columns is None:
+        if value.ndim != 2 or value.shape[0] != value.shape[1] or value.shape[0] == 0:
+            raise ValueError(f"{name} must be a square (n, n) matrix, got shape {tuple(value.shape)}")
+    elif value.ndim != 2 or value.shape[1] != columns:
+        raise ValueError(f"{name} must be a (m, {columns}) matrix Θ(x_test, x_train), got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+    if reference is not None and (value.dtype != reference.dtype or value.device != reference.device):
+        raise TypeError(f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
+                        f"got ({value.dtype}, {value.device})")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return value
+
+
 def _check_vector(name: str, value: object, length: int | None, reference: torch.Tensor) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -415,14 +424,7 @@ def ntk_predict(
 
     Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
-    if not isinstance(kernel, torch.Tensor):
-        raise TypeError(f"kernel must be a torch.Tensor, got {type(kernel).__name__}")
-    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] == 0:
-        raise ValueError(f"kernel must be a square (n, n) matrix, got shape {tuple(kernel.shape)}")
-    if not kernel.is_floating_point():
-        raise TypeError(f"kernel must have a floating dtype, got {kernel.dtype}")
-    if not torch.isfinite(kernel).all():
-        raise ValueError("kernel contains NaN or infinite values")
+    kernel = _check_kernel("kernel", kernel)
     n = kernel.shape[0]
     f0 = _check_vector("f0", f0, n, kernel)
     y = _check_vector("y", y, n, kernel)
@@ -437,9 +439,7 @@ def ntk_predict(
     if (kernel_test is None) != (f0_test is None):
         raise ValueError("kernel_test and f0_test go together: pass both or neither")
     if kernel_test is not None:
-        if not isinstance(kernel_test, torch.Tensor) or kernel_test.ndim != 2 or kernel_test.shape[1] != n:
-            shape = tuple(kernel_test.shape) if isinstance(kernel_test, torch.Tensor) else type(kernel_test).__name__
-            raise ValueError(f"kernel_test must be a (m, {n}) matrix Θ(x_test, x_train), got {shape}")
+        kernel_test = _check_kernel("kernel_test", kernel_test, columns=n, reference=kernel)
         f0_test = _check_vector("f0_test", f0_test, kernel_test.shape[0], kernel)
 
     gamma = 2.0 * lr / (n * alpha**2)
@@ -474,12 +474,7 @@ def critical_lr(kernel: torch.Tensor, *, alpha: float = 1.0) -> float:
     ``(n, n)`` by :math:`1 - 2\\,\\mathrm{lr}\\,\\lambda/(n\\alpha^2)`, which exceeds 1 in magnitude when
     ``lr`` passes this value. Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
-    if not isinstance(kernel, torch.Tensor):
-        raise TypeError(f"kernel must be a torch.Tensor, got {type(kernel).__name__}")
-    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] == 0:
-        raise ValueError(f"kernel must be a square (n, n) matrix, got shape {tuple(kernel.shape)}")
-    if not torch.isfinite(kernel).all():
-        raise ValueError("kernel contains NaN or infinite values")
+    kernel = _check_kernel("kernel", kernel)
     alpha = _check_positive_number("alpha", alpha)
     largest = float(torch.linalg.eigvalsh(kernel.detach()).max())
     if largest <= 0:

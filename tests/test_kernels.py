@@ -288,3 +288,12 @@ def test_bad_hyperparameters_get_clear_errors(kwargs: dict, error: type, match: 
 def test_mc_bad_arguments_get_clear_errors(num_samples: object, kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         mc_relu_ntk(GOOD, GOOD, num_samples, **kwargs)
+
+
+def test_inputs_of_very_different_norms_do_not_underflow_in_float32() -> None:
+    # The variances multiply to 2.5e-47, below float32's range, though their square roots' product does not.
+    direction = torch.tensor([[0.6, 0.8]])
+    small, large = 1e-17 * direction, 1e-6 * direction
+    for kernel in (relu_nngp, relu_ntk):
+        exact = kernel(small.double(), large.double())
+        assert float(kernel(small, large)) == pytest.approx(float(exact), rel=1e-5) and float(exact) > 0

@@ -125,6 +125,12 @@ def test_bad_inputs_get_clear_errors(x1: object, x2: object, error: type, match:
         empirical_ntk(model, x1, x2)
 
 
+def test_model_and_inputs_on_the_meta_device_are_refused() -> None:
+    model = TwoLayerNet(3, 4, 2, generator=torch.Generator().manual_seed(0)).to("meta")
+    with pytest.raises(ValueError, match="x1 and the model are on the meta device"):
+        empirical_ntk(model, GOOD_X.to("meta"))
+
+
 def test_model_without_trainable_parameters_is_refused() -> None:
     model = TwoLayerNet(3, 4, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameters with requires_grad"):

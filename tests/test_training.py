@@ -253,6 +253,22 @@ def test_ntk_predict_rejects_bad_arguments() -> None:
         ntk_predict(kernel, f0, y, lr=0.1, steps=1, kernel_test=kernel)
     with pytest.raises(ValueError, match=r"\(m, 3\)"):
         ntk_predict(kernel, f0, y, lr=0.1, steps=1, kernel_test=kernel[:, :2], f0_test=f0)
+    with pytest.raises(TypeError, match=r"kernel_test must have the kernel's dtype"):
+        ntk_predict(kernel, f0, y, lr=0.1, steps=1, kernel_test=kernel.float(), f0_test=f0)
+    with pytest.raises(ValueError, match="kernel_test contains NaN"):
+        ntk_predict(kernel, f0, y, lr=0.1, steps=1, kernel_test=torch.full_like(kernel, float("nan")), f0_test=f0)
+    with pytest.raises(TypeError, match="kernel must have a floating dtype"):
+        critical_lr(torch.eye(3, dtype=torch.int64))
+
+
+def test_parameters_all_zero_give_an_undefined_relative_change() -> None:
+    x, y = data()
+    model = nn.Linear(1, 1).double()
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    history = train(model, x, y, steps=3, lr=0.1, progress=False)
+    assert history.initial_norm == 0.0 and bool(history.relative_change.isnan().all())
+    assert history.loss[-1] < history.loss[0]
 
 
 def test_progress_bar_is_optional_and_quiet_when_off(capsys: pytest.CaptureFixture[str]) -> None:
