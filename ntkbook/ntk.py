@@ -297,7 +297,8 @@ def _structured_layers(model: nn.Module) -> dict[nn.Module, str]:
 def _dense_factors(module: nn.Module) -> tuple[float, float] | None:
     """``(s, s_b)`` with ``z = s W a + s_b b`` for the dense layers whose forward ntkbook knows exactly: an
     ``nn.Linear`` or :class:`~ntkbook.models.NTKLinear` whose ``weight`` and ``bias`` are its own
-    parameters, used as they are (no pruning mask or other forward hook in between)."""
+    parameters, used as they are: no pruning mask or other hook in between, and no ``forward`` replaced
+    on the instance."""
     if type(module) is nn.Linear:
         factors = 1.0, 1.0
     elif type(module) is NTKLinear:
@@ -307,37 +308,55 @@ def _dense_factors(module: nn.Module) -> tuple[float, float] | None:
     own = module._parameters
     if own.get("weight") is not module.weight or own.get("bias") is not module.bias:
         return None
-    if module._forward_pre_hooks or module._forward_hooks:
+    if module._forward_pre_hooks or module._forward_hooks or "forward" in vars(module):
+        return None
+    global_hooks = (getattr(nn.modules.module, hooks, None) for hooks in ("_global_forward_pre_hooks", "_global_forward_hooks"))
+    if any(global_hooks):
         return None
     return factors
 
 
 def _check_parameters_stay_inside(out: torch.Tensor, captured: dict, layers: dict[nn.Module, str]) -> None:
-    """Walk the autograd graph outside the captured layers: a trainable parameter found there is used
-    outside its own module's forward (weight tying, or a parent reading ``child.weight``), which the
-    per-layer factorisation would miss."""
-    owner = {id(p): (name, module) for module, name in layers.items() for p in module.parameters(recurse=False)}
-    portals = {}
+    """Each trainable parameter must be used inside its own module's forward only, or the per-layer
+    factorisation misses its other uses (weight tying, a parent reading ``child.weight``, a child called
+    through ``.forward()``, which bypasses hooks). Walk the autograd graph region by region: outside every
+    layer, from the output down to the layers' outputs; and for each layer, from its output down to its
+    inputs, jumping over the layers nested in it. A parameter found in another module's region is refused."""
+    owner = {id(p): module for module in layers for p in module.parameters(recurse=False) if p.requires_grad}
+    # A layer's output node -> (layer, the nodes that produced its inputs). A layer that returns its input
+    # unchanged has its output node among those, and is walked through like a parameter-free operation.
+    layers_at: dict[object, list[tuple[nn.Module, set]]] = {}
     for module, (args, z) in captured.items():
         if z.grad_fn is not None:
-            portals[z.grad_fn] = [a.grad_fn for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None]
-    stack, seen = [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in owner:
-            name, module = owner[id(variable)]
-            raise NotStructuredError(
-                f"a parameter of module {name!r} ({type(module).__name__}) is used outside that module's "
-                "forward; method='structured' needs each parameter used only inside its own module"
-            )
-        if node in portals:
-            stack.extend(portals[node])
-        else:
-            stack.extend(next_node for next_node, _ in node.next_functions)
+            sources = {a.grad_fn for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None}
+            layers_at.setdefault(z.grad_fn, []).append((module, sources))
+
+    def walk(start: object, region: nn.Module | None, stops: set) -> None:
+        stack, seen = [start], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node in stops:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) in owner and owner[id(variable)] is not region:
+                used = owner[id(variable)]
+                where = "outside every layer" if region is None else f"inside module {layers[region]!r}"
+                raise NotStructuredError(
+                    f"a parameter of module {layers[used]!r} ({type(used).__name__}) is used {where}, not only in "
+                    "its own forward (weight tying, or a module called through .forward(), which bypasses "
+                    "hooks); method='structured' needs each parameter used only inside its own module"
+                )
+            nested = [sources for module, sources in layers_at.get(node, []) if module is not region and node not in sources]
+            if nested:
+                stack.extend(set().union(*nested))
+            else:
+                stack.extend(next_node for next_node, _ in node.next_functions)
+
+    walk(out.grad_fn, None, set())
+    for module, (args, z) in captured.items():
+        if z.grad_fn is not None:
+            walk(z.grad_fn, module, {a.grad_fn for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None})
 
 
 def _per_input_parameter_gradients(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> list[torch.Tensor]:
@@ -374,14 +393,59 @@ def _check_one_row_per_input(module: nn.Module, name: str, tensors: tuple, n: in
             )
 
 
-def _check_rows_at_one_input(model: nn.Module, layers: dict[nn.Module, str], name: str, x: torch.Tensor) -> None:
-    """Run one input through the model: a first dimension that only happened to equal the batch size
-    (``n`` positions for ``n`` inputs) is then not 1."""
+def _same_rows(alone: tuple, batch_rows: tuple) -> bool:
+    """Whether a layer's inputs and output for one input alone equal their rows in the batch: exactly for
+    integers; for floats to a fraction of the largest entry of any of them, since the batch and the single
+    input may sum the same products in another order (and an output that cancels to nearly 0 keeps the
+    rounding of its inputs' size). The fraction is 1e-4, or 1e-2 on a GPU, where float32 products may
+    round to TF32's 10-bit mantissa, and at least 100 rounding units of the dtype; a row of another input
+    differs by order one."""
+    floats = [t for t in batch_rows if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not floats:
+        return all(not isinstance(one, torch.Tensor) or torch.equal(one, row) for one, row in zip(alone, batch_rows))
+    scale = max(float(t.abs().max()) for t in floats)
+    fraction = max(1e-4 if floats[0].device.type == "cpu" else 1e-2, 100 * torch.finfo(floats[0].dtype).eps)
+    for one, row in zip(alone, batch_rows):
+        if not isinstance(one, torch.Tensor):
+            continue
+        if one.shape != row.shape:
+            return False
+        if not one.is_floating_point():
+            if not torch.equal(one, row):
+                return False
+        elif not bool(((one - row).abs() <= fraction * scale).all()):
+            return False
+    return True
+
+
+def _check_rows_at_one_input(
+    model: nn.Module, layers: dict[nn.Module, str], name: str, x: torch.Tensor, captured: dict
+) -> None:
+    """Run the first input alone and compare what each layer sees with its first row in the batch
+    (``captured``). A first dimension that only happened to equal the batch size (``n`` positions for ``n``
+    inputs) is then not 1; a layer that sees the inputs in another order (a sort or a flip of the batch)
+    gets another first row. A reordering that leaves the first input in place is not detected."""
+    inputs: dict[nn.Module, tuple] = {}
+
+    def take_inputs(module: nn.Module, args: tuple) -> None:
+        inputs[module] = args
 
     def check(module: nn.Module, args: tuple, output: object) -> None:
-        _check_one_row_per_input(module, layers[module], (*args, output), 1)
+        alone = (*inputs[module], output)
+        _check_one_row_per_input(module, layers[module], alone, 1)
+        if module not in captured:
+            return
+        batch_args, batch_output = captured[module]
+        batch_rows = tuple(t[:1].detach() if isinstance(t, torch.Tensor) else t for t in (*batch_args, batch_output))
+        if not _same_rows(alone, batch_rows):
+            raise NotStructuredError(
+                f"module {layers[module]!r} ({type(module).__name__}) sees the first input differently alone "
+                "than in the batch, so its rows are reordered or mixed across inputs; method='structured' "
+                "needs row i of every layer to belong to input i"
+            )
 
-    handles = [module.register_forward_hook(check) for module in layers]
+    handles = [module.register_forward_pre_hook(take_inputs, prepend=True) for module in layers]
+    handles += [module.register_forward_hook(check) for module in layers]
     try:
         _probe(model, name, x)
     finally:
@@ -394,14 +458,22 @@ def _record_layers(
 ) -> tuple[torch.Tensor, dict[nn.Module, tuple[tuple, torch.Tensor]]]:
     """Run the model once, recording each layer's inputs and output. ``copy`` hands each layer copies of
     its inputs and the rest of the network a copy of its output, so that in-place operations elsewhere
-    (``nn.ReLU(inplace=True)``) cannot overwrite what was recorded."""
+    (``nn.ReLU(inplace=True)``) cannot overwrite what was recorded.
+
+    The inputs are recorded before any forward pre-hook of the layer runs, and the output after its
+    forward hooks: the per-input replay calls the layer, hooks included, on the recorded inputs."""
     captured: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
     versions: dict[nn.Module, list[int]] = {}
+    inputs: dict[nn.Module, tuple] = {}
 
-    def copy_inputs(module: nn.Module, args: tuple) -> tuple:
-        return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    def take_inputs(module: nn.Module, args: tuple) -> tuple | None:
+        if copy:
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        inputs[module] = args
+        return args if copy else None
 
     def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> torch.Tensor | None:
+        args = inputs[module]
         label = f"module {layers[module]!r} ({type(module).__name__})"
         if module in captured:
             raise NotStructuredError(
@@ -423,9 +495,8 @@ def _record_layers(
         versions[module] = [t._version for t in (*args, output)]
         return output.clone() if copy else None
 
-    handles = [module.register_forward_hook(record, with_kwargs=True) for module in layers]
-    if copy:
-        handles += [module.register_forward_pre_hook(copy_inputs) for module in layers]
+    handles = [module.register_forward_pre_hook(take_inputs, prepend=True) for module in layers]
+    handles += [module.register_forward_hook(record, with_kwargs=True) for module in layers]
     try:
         out = _apply(model, name, x)
     finally:
@@ -442,7 +513,7 @@ def _structured_features(model: nn.Module, layers: dict[nn.Module, str], name: s
     out, captured = _record_layers(model, layers, name, x, copy=False)
     _check_parameters_stay_inside(out, captured, layers)
     if x.shape[0] > 1:
-        _check_rows_at_one_input(model, layers, name, x)
+        _check_rows_at_one_input(model, layers, name, x, captured)
     n, k = out.shape
     order = [m for m in layers if m in captured and captured[m][1].requires_grad]
     if not order or not out.requires_grad:
@@ -698,10 +769,10 @@ def empirical_ntk(
             :math:`\\Theta = \\sum_l (G_l G_l'^\\top) \\odot (s_l^2 A_l A_l'^\\top + s_{b,l}^2)` for
             ``nn.Linear`` and :class:`~ntkbook.models.NTKLinear`, per-input gradients of the layer's own
             parameters for any other layer; each layer must be applied once per forward pass, to
-            positional tensors with one row per input, and own its parameters alone, using them only
-            inside its forward, else :class:`NotStructuredError` names the module), or
+            positional tensors whose row i belongs to input i, and own its parameters alone, using them
+            only inside its forward, else :class:`NotStructuredError` names the module), or
             ``"auto"``: "structured" when it applies, else whichever of "jacobian" and "implicit" is
-            cheaper and fits in memory.
+            cheaper and fits in memory, and "loop" (with a warning) where ``torch.func`` fails.
         mode: for ``k`` outputs, ``"full"`` gives ``(n1, n2, k, k)``; ``"trace"`` gives ``(n1, n2)``, the
             *sum* over outputs :math:`\\sum_a \\Theta_{aa}` (neural-tangents' ``trace_axes`` averages
             instead, so its values are ours divided by ``k``); ``"diagonal"`` gives ``(n1, n2, k)``,
@@ -757,12 +828,44 @@ def _kernel(
     else:
         auto = False
 
-    if method == "loop":
+    def loop() -> torch.Tensor:
         return _feature_kernel(lambda name, x: _loop_features(model, params, name, x), x1, x2, chunk, mode, False)
 
+    if method == "loop":
+        return loop()
     k = _probe(model, "x1", x1)
     if x2 is not None and _probe(model, "x2", x2) != k:
         raise ValueError("the model gives x1 and x2 different numbers of outputs per input")
+    try:
+        return _torch_func_kernel(model, k, x1, x2, method, mode, chunk, chunk_size, auto)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        if not auto:
+            raise
+        warnings.warn(
+            f"torch.func cannot take this model's per-input derivatives ({err}); method='auto' falls back on "
+            "method='loop', one backward pass per input and output",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        chunk = chunk_size or _fitting_chunk(model, x1, x2, "loop", mode)
+        return loop()
+
+
+def _torch_func_kernel(
+    model: nn.Module,
+    k: int,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None,
+    method: str,
+    mode: str,
+    chunk: int | None,
+    chunk_size: int | None,
+    auto: bool,
+) -> torch.Tensor:
+    """Method "implicit" or "jacobian" with ``k`` outputs per input; ``auto`` turns "implicit" into
+    "jacobian" (in blocks that fit, unless ``chunk_size`` was given) for a model without forward-mode AD."""
     named = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if method == "implicit":
         other = x1 if x2 is None else x2

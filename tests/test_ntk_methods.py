@@ -236,9 +236,78 @@ class KeywordCall(nn.Module):
         return self.out(torch.tanh(self.inner(input=x)))
 
 
+class RootTiedHead(nn.Module):
+    """A language-model shape: the root owns a position table, and its readout reuses the token
+    embedding's weight inside the root's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(7, 3)
+        self.pos = nn.Parameter(0.1 * torch.randn(3))
+        self.mix = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = (3 * x[:, 0].abs()).long().clamp(max=6)
+        h = torch.tanh(self.mix(self.tok(tokens) + self.pos))
+        return h @ self.tok.weight.T
+
+
+class ForwardBypass(nn.Module):
+    """The root owns a parameter and calls a child through .forward(), which bypasses its hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.inner = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out.forward(torch.tanh(self.scale * self.inner(x)))
+
+
+class PassThrough(nn.Module):
+    """A layer with a parameter that it does not use: it returns its input unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(3))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+
+class TiedBehindPassThrough(nn.Module):
+    """Weight tying upstream of a layer that returns its input unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.adapter = PassThrough()
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.adapter(torch.tanh(self.inner(x)) @ self.inner.weight))
+
+
+class FlippedBatch(nn.Module):
+    """Each output depends on its own input alone, but the hidden layer sees the batch in reverse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inner(x.flip(0))).flip(0))
+
+
 @pytest.mark.parametrize(("model_class", "match"), [
+    (RootTiedHead, r"parameter of module 'tok' \(Embedding\) is used inside module 'RootTiedHead'"),
+    (ForwardBypass, r"parameter of module 'out' \(Linear\) is used inside module 'ForwardBypass'.*\.forward\(\)"),
+    (TiedBehindPassThrough, r"parameter of module 'inner' \(Linear\) is used outside every layer"),
+    (FlippedBatch, r"module 'inner' \(Linear\) sees the first input differently alone than in the batch"),
     (Shared, r"module 'inner' \(Linear\) is applied more than once"),
-    (Tied, r"parameter of module 'embed' \(Linear\) is used outside that module's forward"),
+    (Tied, r"parameter of module 'embed' \(Linear\) is used outside every layer"),
     (TiedModules, r"modules 'first' and 'second' share a parameter"),
     (RowsAcrossInputs, r"module 'inner' \(Linear\) takes or gives a tensor of shape \(15, 1\), not one row per "
                        r"input for a batch of 5"),
@@ -267,6 +336,54 @@ def test_pruned_layer_is_differentiated_through_its_mask() -> None:
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     reference = empirical_ntk(model, x, method="loop")
     assert relative_error(empirical_ntk(model, x, method="structured"), reference) < 1e-10
+
+
+def test_hooks_and_a_replaced_forward_are_differentiated_through() -> None:
+    # A pre-hook that doubles a layer's input, a forward replaced on the instance, a global hook that
+    # doubles every Linear output: none of them is z = W a + b, and the pre-hook must not run twice.
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+    pre_hooked = model()
+    pre_hooked[0].register_forward_pre_hook(lambda module, args: (2 * args[0],))
+    replaced = model()
+    original = replaced[0].forward
+    replaced[0].forward = lambda a: 2 * original(a)
+    for net in (pre_hooked, replaced):
+        reference = empirical_ntk(net, x, method="loop")
+        assert relative_error(empirical_ntk(net, x, method="structured"), reference) < 1e-10
+    plain = model()
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: 2 * out if isinstance(module, nn.Linear) else None
+    )
+    try:
+        reference = empirical_ntk(plain, x, method="loop")
+        assert relative_error(empirical_ntk(plain, x, method="structured"), reference) < 1e-10
+    finally:
+        handle.remove()
+
+
+def test_auto_falls_back_to_the_loop_where_torch_func_fails() -> None:
+    # nn.GRU builds its default initial state with the batch size, which vmap over single inputs breaks.
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(2, 4, batch_first=True)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)  # nn.GRU and nn.Linear draw their initial weights from the global generator
+    model = Recurrent().double()
+    x = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = empirical_ntk(model, x, method="loop")
+    with pytest.warns(RuntimeWarning, match="falls back on method='loop'"):
+        kernel = empirical_ntk(model, x)
+    assert relative_error(kernel, reference) < 1e-10
 
 
 @pytest.mark.parametrize("method", METHODS)
