@@ -361,23 +361,31 @@ def _check_parameters_stay_inside(out: torch.Tensor, captured: dict, layers: dic
 
 def _per_input_parameter_gradients(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of ``module``'s own trainable parameters for each input, ``(n, k, p)`` per tensor, from the
-    layer's inputs ``args`` (each ``(n, ...)``) and the output gradients ``g`` (n, k, ...)."""
-    params = {name: p.detach() for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+    layer's inputs ``args`` (each ``(n, ...)``) and the output gradients ``g`` (n, k, ...). One ``vmap``
+    over all (input, output) pairs: nested ``vmap`` batches some backward formulas wrongly (``nn.PReLU``)."""
+    params = {key: p.detach() for key, p in module.named_parameters(recurse=False) if p.requires_grad}
+    n, k = g.shape[:2]
 
-    def per_input(*row: torch.Tensor) -> dict[str, torch.Tensor]:
+    def pair(*row: torch.Tensor) -> dict[str, torch.Tensor]:
         *a, gi = row
         _, pullback = vjp(lambda p: functional_call(module, p, tuple(t.unsqueeze(0) for t in a)).squeeze(0), params)
-        return vmap(pullback)(gi)[0]
+        return pullback(gi)[0]
 
     try:
-        grads = vmap(per_input)(*args, g)
+        grads = vmap(pair)(*(t.repeat_interleave(k, 0) for t in args), g.reshape(n * k, *g.shape[2:]))
     except torch.cuda.OutOfMemoryError:
         raise
     except RuntimeError as err:
         raise NotStructuredError(
             f"cannot take per-input gradients of module {name!r} ({type(module).__name__}) with torch.func: {err}"
         ) from None
-    return [t.reshape(g.shape[0], g.shape[1], -1) for t in grads.values()]
+    for key, t in grads.items():
+        if t.shape != (n * k, *params[key].shape):
+            raise NotStructuredError(
+                f"torch.func gave per-input gradients of shape {tuple(t.shape)} for parameter {key!r} of module "
+                f"{name!r} ({type(module).__name__}), expected {(n * k, *params[key].shape)}"
+            )
+    return [t.reshape(n, k, -1) for t in grads.values()]
 
 
 def _check_one_row_per_input(module: nn.Module, name: str, tensors: tuple, n: int) -> None:

@@ -338,6 +338,17 @@ def test_pruned_layer_is_differentiated_through_its_mask() -> None:
     assert relative_error(empirical_ntk(model, x, method="structured"), reference) < 1e-10
 
 
+@pytest.mark.parametrize("channels", [1, 8])
+def test_prelu_layers_get_correct_per_input_gradients(channels: int) -> None:
+    # Nested vmap (over inputs, then outputs) batches PReLU's backward wrongly: 6e-2 off before the fix.
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    model = nn.Sequential(nn.Linear(4, 8), nn.PReLU(channels), nn.Linear(8, 3)).double()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = empirical_ntk(model, x, method="loop")
+    for method in ("structured", "auto"):
+        assert relative_error(empirical_ntk(model, x, method=method), reference) < 1e-10
+
+
 def test_hooks_and_a_replaced_forward_are_differentiated_through() -> None:
     # A pre-hook that doubles a layer's input, a forward replaced on the instance, a global hook that
     # doubles every Linear output: none of them is z = W a + b, and the pre-hook must not run twice.
