@@ -325,11 +325,14 @@ def _check_parameters_stay_inside(out: torch.Tensor, captured: dict, layers: dic
     owner = {id(p): module for module in layers for p in module.parameters(recurse=False) if p.requires_grad}
     # A layer's output node -> (layer, the nodes that produced its inputs). A layer that returns its input
     # unchanged has its output node among those, and is walked through like a parameter-free operation.
+    sources = {
+        module: {a.grad_fn for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None}
+        for module, (args, z) in captured.items()
+        if z.grad_fn is not None
+    }
     layers_at: dict[object, list[tuple[nn.Module, set]]] = {}
-    for module, (args, z) in captured.items():
-        if z.grad_fn is not None:
-            sources = {a.grad_fn for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None}
-            layers_at.setdefault(z.grad_fn, []).append((module, sources))
+    for module, inputs in sources.items():
+        layers_at.setdefault(captured[module][1].grad_fn, []).append((module, inputs))
 
     def walk(start: object, region: nn.Module | None, stops: set) -> None:
         stack, seen = [start], set()
@@ -347,16 +350,15 @@ def _check_parameters_stay_inside(out: torch.Tensor, captured: dict, layers: dic
                     "its own forward (weight tying, or a module called through .forward(), which bypasses "
                     "hooks); method='structured' needs each parameter used only inside its own module"
                 )
-            nested = [sources for module, sources in layers_at.get(node, []) if module is not region and node not in sources]
+            nested = [inputs for module, inputs in layers_at.get(node, []) if module is not region and node not in inputs]
             if nested:
                 stack.extend(set().union(*nested))
             else:
                 stack.extend(next_node for next_node, _ in node.next_functions)
 
     walk(out.grad_fn, None, set())
-    for module, (args, z) in captured.items():
-        if z.grad_fn is not None:
-            walk(z.grad_fn, module, {a.grad_fn for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None})
+    for module, inputs in sources.items():
+        walk(captured[module][1].grad_fn, module, inputs)
 
 
 def _per_input_parameter_gradients(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> list[torch.Tensor]:
