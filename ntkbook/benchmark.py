@@ -26,7 +26,8 @@ import time
 import torch
 
 from ntkbook.models import mlp
-from ntkbook.ntk import METHODS, _available_memory, empirical_ntk, memory_estimate
+from ntkbook.ntk import METHODS, empirical_ntk, memory_estimate
+from ntkbook.ntk.budget import available_memory
 
 INPUT_DIM = 20
 FLOOR = "fwd+bwd"
@@ -117,7 +118,7 @@ def benchmark(
     if not widths:
         raise ValueError("widths must name at least one hidden width")
     rows = []
-    free = _available_memory(torch.device(device))
+    free = available_memory(torch.device(device))
     for width in widths:
         model, x = build_case(width, n, torch.device(device))
         group = [_measure(FLOOR, width, n, device, repeats, threads)]

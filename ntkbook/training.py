@@ -32,7 +32,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from ntkbook.models import _check_positive_int
-from ntkbook.ntk import _check_input, _trainable_parameters, empirical_ntk
+from ntkbook.ntk import empirical_ntk
+from ntkbook.ntk.request import check_batch as _check_input, trainable_parameters as _trainable_parameters
 
 if TYPE_CHECKING:
     from tqdm import tqdm

@@ -66,8 +66,12 @@ def test_loop_makes_one_backward_pass_per_input() -> None:
     model.readout.weight.register_hook(lambda grad: calls.append(1))
     x1 = torch.randn(7, 3, generator=torch.Generator().manual_seed(1))
     x2 = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
-    empirical_ntk(model, x1, x2, method="loop")
+    empirical_ntk(model, x1, x2, method="loop", verify=False)
     assert len(calls) == 7 + 5
+    calls.clear()
+    # The verification adds one backward pass per probe (two pairs) on each side.
+    empirical_ntk(model, x1, x2, method="loop")
+    assert len(calls) == 7 + 5 + 2 + 2
 
 
 def test_frozen_parameters_are_excluded() -> None:
@@ -110,7 +114,8 @@ GOOD_X = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
         (GOOD_X[:, :2], None, ValueError, "x1.*shape"),
         (GOOD_X, GOOD_X[:, :2], ValueError, "x2.*shape"),
         (GOOD_X[:0], None, ValueError, "x1.*non-empty"),
-        (torch.ones(4, 3, dtype=torch.int64), None, TypeError, "x1.*floating"),
+        # Integer inputs are accepted (token ids); a model that cannot take them says so, naming x1.
+        (torch.ones(4, 3, dtype=torch.int64), None, ValueError, "model cannot be applied to x1"),
         (GOOD_X.double(), None, TypeError, "x1.*float64"),
         (GOOD_X, GOOD_X.to("meta"), ValueError, "x2.*meta"),
         (torch.full((2, 3), float("nan")), None, ValueError, "x1.*NaN"),

@@ -11,7 +11,7 @@ from torch.nn.utils import prune
 
 from ntkbook import HadamardNet, TwoLayerNet, empirical_ntk, mlp
 from ntkbook.benchmark import format_table, run_case
-from ntkbook.ntk import METHODS, MODES, NotStructuredError, memory_estimate
+from ntkbook.ntk import METHODS, MODES, NotStructuredError, VerificationError, memory_estimate
 
 FAST = ("jacobian", "implicit", "structured", "auto")
 # float64 sums the same products in another order: ~1e-16 per entry, far below 1e-10. float32: ~1e-7.
@@ -302,18 +302,11 @@ class FlippedBatch(nn.Module):
 
 
 @pytest.mark.parametrize(("model_class", "match"), [
-    (RootTiedHead, r"parameter of module 'tok' \(Embedding\) is used inside module 'RootTiedHead'"),
-    (ForwardBypass, r"parameter of module 'out' \(Linear\) is used inside module 'ForwardBypass'.*\.forward\(\)"),
-    (TiedBehindPassThrough, r"parameter of module 'inner' \(Linear\) is used outside every layer"),
-    (FlippedBatch, r"module 'inner' \(Linear\) sees the first input differently alone than in the batch"),
     (Shared, r"module 'inner' \(Linear\) is applied more than once"),
-    (Tied, r"parameter of module 'embed' \(Linear\) is used outside every layer"),
     (TiedModules, r"modules 'first' and 'second' share a parameter"),
     (RowsAcrossInputs, r"module 'inner' \(Linear\) takes or gives a tensor of shape \(15, 1\), not one row per "
                        r"input for a batch of 5"),
     (ConstantInput, r"module 'shift' \(Linear\) takes or gives a tensor of shape \(1, 1\)"),
-    (PositionTable, r"module 'pos' \(Embedding\) takes or gives a tensor of shape \(5,\), not one row per input "
-                    r"for a batch of 1"),
     (KeywordCall, r"module 'inner' \(Linear\) is called with keyword arguments \(input\)"),
 ])
 def test_structured_names_the_module_it_cannot_handle_and_auto_falls_back(model_class: type, match: str) -> None:
@@ -324,6 +317,24 @@ def test_structured_names_the_module_it_cannot_handle_and_auto_falls_back(model_
         empirical_ntk(model, x, method="structured")
     assert not any(m._forward_hooks for m in model.modules()), "hooks must be removed after an error"
     reference = empirical_ntk(model, x, method="loop")
+    assert relative_error(empirical_ntk(model, x), reference) < 1e-10
+
+
+@pytest.mark.parametrize("model_class", [
+    RootTiedHead, ForwardBypass, TiedBehindPassThrough, FlippedBatch, Tied, PositionTable,
+])
+def test_structured_kernels_that_break_the_factorisation_fail_verification(model_class: type) -> None:
+    """Parameters used outside their layer, a layer that sees the batch reordered, a table whose first
+    dimension equals the batch size: the factorisation is wrong, and the verification says so."""
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    model = model_class().double()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    unverified = empirical_ntk(model, x, method="structured", verify=False)
+    reference = empirical_ntk(model, x, method="loop")
+    assert relative_error(unverified, reference) > 1e-3, "the case must break the per-layer factorisation"
+    with pytest.raises(VerificationError, match=r"method='structured' gave a kernel that disagrees"):
+        empirical_ntk(model, x, method="structured")
+    assert not any(m._forward_hooks for m in model.modules()), "hooks must be removed after an error"
     assert relative_error(empirical_ntk(model, x), reference) < 1e-10
 
 
@@ -445,7 +456,7 @@ def test_auto_falls_back_to_reverse_mode_where_forward_mode_is_missing() -> None
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     reference = empirical_ntk(model, x, method="loop")
     assert relative_error(empirical_ntk(model, x), reference) < 1e-10
-    with pytest.raises(NotImplementedError, match="method='implicit' needs forward-mode AD"):
+    with pytest.raises(ValueError, match="(?s)method='implicit' cannot differentiate.*needs reverse mode only"):
         empirical_ntk(model, x, method="implicit")
 
 
@@ -466,8 +477,12 @@ def test_structured_takes_no_parameter_gradients_and_leaves_no_hooks() -> None:
     calls = []
     for p in model.parameters():
         p.register_hook(lambda grad: calls.append(1))
-    empirical_ntk(model, torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), method="structured")
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    empirical_ntk(model, x, method="structured", verify=False)
     assert calls == [] and all(p.grad is None for p in model.parameters())
+    # The verification's backward passes reach the parameters but leave no .grad behind.
+    empirical_ntk(model, x, method="structured")
+    assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
 
 

@@ -243,7 +243,12 @@ def _ntk_cases(name: str, f: Callable[..., object], **kw: object) -> list[Bad]:
         Bad(name, "no trainable parameters", lambda: f(_frozen(), _x(), **kw), ValueError, "model"),
         Bad(name, "x1 is a list", lambda: f(_net(), [[0.0, 1.0, 2.0]], **kw), TypeError, "x1"),
         Bad(name, "x1 wrong trailing shape", lambda: f(_net(), _x(4, 5), **kw), ValueError, "x1"),
-        Bad(name, "x1 integer dtype", lambda: f(_net(), torch.ones(4, 3, dtype=torch.int64), **kw), TypeError, "x1"),
+        # Integer inputs are accepted (token ids); a float model that cannot take them is named with x1.
+        Bad(name, "x1 integer, model float", lambda: f(_net(), torch.ones(4, 3, dtype=torch.int64), **kw), ValueError, "x1"),
+        Bad(name, "x1 complex", lambda: f(_net(), torch.ones(4, 3, dtype=torch.complex64), **kw), TypeError, "x1"),
+        Bad(name, "x1 sparse", lambda: f(_net(), _x().to_sparse(), **kw), TypeError, "x1"),
+        Bad(name, "x2 of another rank", lambda: f(_net(), _x(), _x()[None], **kw), ValueError, "x2"),
+        Bad(name, "chunk_size bool", lambda: f(_net(), _x(), chunk_size=True, **kw), TypeError, "chunk_size"),
         Bad(name, "x1 float64, model float32", lambda: f(_net(), _x(dtype=torch.float64), **kw), TypeError, "x1"),
         Bad(name, "x1 empty", lambda: f(_net(), _x(0), **kw), ValueError, "x1"),
         Bad(name, "x1 NaN", lambda: f(_net(), _with(NAN), **kw), ValueError, "x1"),

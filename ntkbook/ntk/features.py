@@ -1,0 +1,139 @@
+"""Per-input features of a batch, and their Gram matrices in each mode.
+
+A method turns a batch of ``n`` inputs into features from which any block of the kernel is a sum of
+Grams. Two kinds exist:
+
+- :class:`PerInputGradients`: ``J`` of shape ``(n, k, p)``, the gradients of the ``k`` outputs of each
+  input with respect to ``p`` parameters; its share of the kernel is :math:`J J'^\\top`.
+- :class:`DenseFactors`: for a dense layer :math:`z = s W a + s_b b`, the layer inputs ``A`` (n, d) and
+  the output gradients ``G`` (n, k, m); since :math:`\\partial f/\\partial W = s\\, g a^\\top`, its share
+  is :math:`(G G'^\\top) \\odot (s^2 A A'^\\top + s_b^2)` without ever forming ``g a^T``.
+
+Features are kept in a dict keyed by what they belong to (a layer's qualified name, or one tensor of
+all parameters), so that two batches are paired by layer, not by position: ``x1`` and ``x2`` may take
+different branches of a model, and a layer only one of them reaches contributes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PerInputGradients:
+    """``J`` (n, k, p): per-input gradients of the outputs with respect to ``p`` parameters."""
+
+    J: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.J.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.J.shape[1]
+
+    def rows(self, start: int, stop: int) -> PerInputGradients:
+        return PerInputGradients(self.J[start:stop])
+
+    def as_gradients(self) -> PerInputGradients:
+        return self
+
+
+@dataclass
+class DenseFactors:
+    """A dense layer's factors: inputs ``A`` (n, d), or ``None`` when the weight is frozen; output
+    gradients ``G`` (n, k, m); the squared weight and bias multipliers ``s2``, ``sb2`` (0 without a
+    trainable bias)."""
+
+    A: torch.Tensor | None
+    G: torch.Tensor
+    s2: float
+    sb2: float
+
+    @property
+    def n(self) -> int:
+        return self.G.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.G.shape[1]
+
+    def rows(self, start: int, stop: int) -> DenseFactors:
+        a = None if self.A is None else self.A[start:stop]
+        return DenseFactors(a, self.G[start:stop], self.s2, self.sb2)
+
+    def as_gradients(self) -> PerInputGradients:
+        """The same share as explicit per-input gradients, weight then bias: to pair with a batch on
+        which the layer needed the default rule."""
+        n, k, _ = self.G.shape
+        parts = []
+        if self.A is not None:
+            parts.append((self.s2**0.5 * self.G[:, :, :, None] * self.A[:, None, None, :]).reshape(n, k, -1))
+        if self.sb2:
+            parts.append(self.sb2**0.5 * self.G)
+        return PerInputGradients(torch.cat(parts, dim=2))
+
+
+Feature = PerInputGradients | DenseFactors
+Features = dict[object, Feature]
+
+
+def gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
+    """Contract ``a`` (n1, k, p) with ``b`` (n2, k, p) over ``p``: (n1, n2, k, k) in full mode,
+    (n1, n2) summed over outputs in trace mode, (n1, n2, k) per output in diagonal mode."""
+    n1, k, p = a.shape
+    n2 = b.shape[0]
+    if mode == "full":
+        return (a.reshape(n1 * k, p) @ b.reshape(n2 * k, p).T).reshape(n1, k, n2, k).permute(0, 2, 1, 3)
+    if mode == "trace":
+        return a.reshape(n1, k * p) @ b.reshape(n2, k * p).T
+    return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0)).permute(1, 2, 0)
+
+
+def _pair(e1: Feature, e2: Feature, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's share as a Gram and an optional elementwise factor (dense layers)."""
+    if isinstance(e1, DenseFactors) and isinstance(e2, DenseFactors):
+        g = gram(e1.G, e2.G, mode)
+        if e1.A is None:
+            return g.mul_(e1.sb2), None
+        # s^2 A A'^T + s_b^2 in one BLAS call; beta=0 skips the bias term of a layer without one.
+        inputs = torch.addmm(e1.A.new_tensor(e1.sb2), e1.A, e2.A.T, beta=1.0 if e1.sb2 else 0.0, alpha=e1.s2)
+        factor = inputs if mode == "trace" else inputs[:, :, None] if mode == "diagonal" else inputs[:, :, None, None]
+        return g, factor
+    return gram(e1.as_gradients().J, e2.as_gradients().J, mode), None
+
+
+def contract(f1: Features, f2: Features, mode: str) -> torch.Tensor:
+    """The kernel block of two feature sets: the sum over their common keys of each share. With one
+    output every mode is the ``(n1, n2)`` matrix, computed as such."""
+    first = next(iter(f1.values()))
+    n1, k = first.n, first.k
+    n2 = next(iter(f2.values())).n
+    mode = "trace" if k == 1 else mode
+    shape = {"full": (n1, n2, k, k), "trace": (n1, n2), "diagonal": (n1, n2, k)}[mode]
+    total = None
+    for key, e1 in f1.items():
+        if key not in f2:
+            continue
+        g, factor = _pair(e1, f2[key], mode)
+        if total is None:
+            total = g.mul_(factor) if factor is not None else g
+        elif factor is None:
+            total.add_(g)
+        else:
+            total.addcmul_(g, factor)
+    if total is None:
+        ref = first.G if isinstance(first, DenseFactors) else first.J
+        return ref.new_zeros(shape)
+    return total
+
+
+def rows(features: Features, start: int, stop: int) -> Features:
+    return {key: e.rows(start, stop) for key, e in features.items()}
+
+
+def batch_size(features: Features) -> int:
+    return next(iter(features.values())).n

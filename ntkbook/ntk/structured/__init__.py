@@ -1,0 +1,57 @@
+"""Method ``"structured"``: record one forward pass, apply one rule per layer, contract.
+
+The kernel is a sum over layers :math:`l` of :math:`J_l J_l'^\\top`, where :math:`J_l` holds the
+gradients of the outputs with respect to layer :math:`l`'s own parameters. Each :math:`J_l` follows from
+what the layer saw, its inputs :math:`a_i`, and the gradients :math:`g_{ia} = \\partial f_a(x_i)/\\partial z_i`
+of the outputs with respect to its output: one forward pass and one backward pass per output (to the
+layer outputs, not to the parameters), then a rule per layer (:mod:`.rules`, :mod:`.dense`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ntkbook.ntk.features import Features, PerInputGradients
+from ntkbook.ntk.structured import dense as _dense  # noqa: F401  (registers the dense rule)
+from ntkbook.ntk.structured.record import layers, record_layers
+from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature
+
+__all__ = ["NotStructuredError", "layers", "structured_features"]
+
+
+def _output_gradients(out: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """:math:`g_{ia} = \\partial f_a(x_i) / \\partial z_i` for each layer output ``z``, ``(n, k, ...)``.
+    Each input's outputs depend on that input alone, so one backward pass of output ``a`` summed over
+    the batch gives every input's gradient for output ``a``; ``is_grads_batched`` runs the ``k`` passes
+    at once."""
+    n, k = out.shape
+    try:
+        if k == 1:
+            grads = torch.autograd.grad(out, zs, torch.ones_like(out), allow_unused=True)
+            return [None if g is None else g.unsqueeze(1) for g in grads]
+        basis = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, n, k)
+        grads = torch.autograd.grad(out, zs, basis, is_grads_batched=True, allow_unused=True)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        raise NotStructuredError(f"cannot take the gradients of the outputs with respect to each layer: {err}") from None
+    return [None if g is None else g.transpose(0, 1) for g in grads]
+
+
+def structured_features(model: nn.Module, found: dict[nn.Module, str], name: str, x: torch.Tensor) -> Features:
+    """Each layer's feature by its rule, keyed by the layer's qualified name."""
+    out, captured = record_layers(model, found, name, x)
+    n, k = out.shape
+    order = [m for m in found if m in captured and captured[m][1].requires_grad]
+    if not order or not out.requires_grad:
+        # No trainable parameter reaches the output: the kernel is zero.
+        return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
+    features: Features = {}
+    for module, g in zip(order, _output_gradients(out, [captured[m][1] for m in order])):
+        args, z = captured[module]
+        if g is None:
+            g = torch.zeros(n, k, *z.shape[1:], dtype=z.dtype, device=z.device)
+        args = tuple(t.detach() for t in args)
+        features[found[module]] = layer_feature(module, found[module], args, g.detach())
+    return features

@@ -1,0 +1,94 @@
+"""One recorded forward pass: each layer's inputs and output, for the per-layer rules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ntkbook.ntk.request import apply
+from ntkbook.ntk.structured.rules import NotStructuredError
+
+
+def layers(model: nn.Module) -> dict[nn.Module, str]:
+    """Modules that own trainable parameters directly, in registration order, with their qualified
+    names. A parameter registered in two modules (weight tying) is refused here, before any work: the
+    verification would catch the missing cross terms, but only after a wasted attempt."""
+    found = {
+        module: name or type(model).__name__
+        for name, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    }
+    owner: dict[int, str] = {}
+    for module, name in found.items():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and owner.setdefault(id(p), name) != name:
+                raise NotStructuredError(
+                    f"modules {owner[id(p)]!r} and {name!r} share a parameter; method='structured' needs each "
+                    "parameter to belong to one module"
+                )
+    return found
+
+
+def _check_one_row_per_input(label: str, tensors: tuple, n: int) -> None:
+    """A layer must take and give one row per input, or its feature would have other rows than the
+    kernel. (A first dimension equal to ``n`` by coincidence passes here and is left to the verification.)"""
+    for t in tensors:
+        if t.ndim == 0 or t.shape[0] != n:
+            raise NotStructuredError(
+                f"{label} takes or gives a tensor of shape {tuple(t.shape)}, not one row per input for a batch "
+                f"of {n}; method='structured' needs every layer to act on the rows of its inputs"
+            )
+
+
+def record_layers(
+    model: nn.Module, found: dict[nn.Module, str], name: str, x: torch.Tensor, copy: bool = False
+) -> tuple[torch.Tensor, dict[nn.Module, tuple[tuple, torch.Tensor]]]:
+    """Run the model once on ``x``, recording each layer's positional tensor inputs (before its forward
+    pre-hooks run) and its output (after its forward hooks). ``copy`` hands each layer copies of its
+    inputs and the rest of the network a copy of its output, so that in-place operations elsewhere
+    (``nn.ReLU(inplace=True)``) cannot overwrite what was recorded; it is used when a first run finds
+    a recorded tensor modified."""
+    captured: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
+    versions: dict[nn.Module, list[int]] = {}
+    inputs: dict[nn.Module, tuple] = {}
+
+    def take_inputs(module: nn.Module, args: tuple) -> tuple | None:
+        if copy:
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        inputs[module] = args
+        return args if copy else None
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> torch.Tensor | None:
+        args = inputs[module]
+        label = f"module {found[module]!r} ({type(module).__name__})"
+        # Each guard below names the module where the rules could not apply at all.
+        if module in captured:
+            raise NotStructuredError(
+                f"{label} is applied more than once per forward pass; method='structured' needs each layer "
+                "with trainable parameters applied once"
+            )
+        if kwargs:
+            raise NotStructuredError(
+                f"{label} is called with keyword arguments ({', '.join(kwargs)}); method='structured' needs "
+                "layers called with positional tensors only"
+            )
+        if not isinstance(output, torch.Tensor) or any(not isinstance(a, torch.Tensor) for a in args):
+            raise NotStructuredError(
+                f"{label} takes or returns something other than tensors; method='structured' needs tensor "
+                "inputs and one tensor output per layer"
+            )
+        _check_one_row_per_input(label, (*args, output), x.shape[0])
+        captured[module] = (args, output)
+        versions[module] = [t._version for t in (*args, output)]
+        return output.clone() if copy else None
+
+    handles = [module.register_forward_pre_hook(take_inputs, prepend=True) for module in found]
+    handles += [module.register_forward_hook(record, with_kwargs=True) for module in found]
+    try:
+        out = apply(model, name, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not copy and any(versions[m] != [t._version for t in (*a, z)] for m, (a, z) in captured.items()):
+        return record_layers(model, found, name, x, copy=True)
+    return out, captured

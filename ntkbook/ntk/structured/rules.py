@@ -1,0 +1,77 @@
+"""The registry of per-layer rules, keyed on the exact module class.
+
+A rule turns what one layer saw in the recorded forward pass, its inputs ``args`` (each ``(n, ...)``)
+and the gradients ``g`` (n, k, ...) of the ``k`` outputs with respect to its output, into that layer's
+feature. It may return ``None`` when the layer is used in a way it does not cover; the default rule
+then applies. The default rule serves every module without one: per-input gradients of the layer's
+own trainable parameters, :math:`J_{(i,a)} = \\partial \\langle g_{ia}, \\ell(a_i; \\theta_\\ell) \\rangle / \\partial \\theta_\\ell`,
+by one ``vmap`` of a vjp over all (input, output) pairs.
+
+Rules are exact under the layer's documented use; anything else is caught by the verification of the
+finished kernel, so a rule needs no guards beyond what saves a wasted attempt.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+
+from ntkbook.ntk.features import Feature, PerInputGradients
+
+
+class NotStructuredError(ValueError):
+    """The model breaks an assumption of ``method="structured"``; the message names the module."""
+
+
+LayerRule = Callable[[nn.Module, str, tuple, torch.Tensor], "Feature | None"]
+RULES: dict[type, LayerRule] = {}
+
+
+def register(*classes: type) -> Callable[[LayerRule], LayerRule]:
+    """Register a rule for these exact classes (a subclass may change ``forward``, so it gets the default)."""
+
+    def add(rule: LayerRule) -> LayerRule:
+        for cls in classes:
+            RULES[cls] = rule
+        return rule
+
+    return add
+
+
+def default_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> PerInputGradients:
+    """Per-input gradients ``(n, k, p)`` of ``module``'s own trainable parameters, concatenated in
+    registration order. One ``vmap`` over all (input, output) pairs: nested ``vmap`` batches some
+    backward formulas wrongly (``nn.PReLU``)."""
+    params = {key: p.detach() for key, p in module.named_parameters(recurse=False) if p.requires_grad}
+    n, k = g.shape[:2]
+
+    def pair(*row: torch.Tensor) -> dict[str, torch.Tensor]:
+        *a, gi = row
+        _, pullback = vjp(lambda p: functional_call(module, p, tuple(t.unsqueeze(0) for t in a)).squeeze(0), params)
+        return pullback(gi)[0]
+
+    try:
+        grads = vmap(pair)(*(t.repeat_interleave(k, 0) for t in args), g.reshape(n * k, *g.shape[2:]))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError) as err:
+        raise NotStructuredError(
+            f"cannot take per-input gradients of module {name!r} ({type(module).__name__}) with torch.func: {err}"
+        ) from None
+    for key, t in grads.items():
+        if t.shape != (n * k, *params[key].shape):
+            raise NotStructuredError(
+                f"torch.func gave per-input gradients of shape {tuple(t.shape)} for parameter {key!r} of module "
+                f"{name!r} ({type(module).__name__}), expected {(n * k, *params[key].shape)}"
+            )
+    return PerInputGradients(torch.cat([t.reshape(n, k, -1) for t in grads.values()], dim=2))
+
+
+def layer_feature(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> Feature:
+    """The registered rule for ``type(module)``, else (or where it declines) the default rule."""
+    rule = RULES.get(type(module))
+    found = rule(module, name, args, g) if rule is not None else None
+    return found if found is not None else default_rule(module, name, args, g)

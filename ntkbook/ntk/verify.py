@@ -1,0 +1,220 @@
+"""The check every kernel passes before it is returned: an exact identity of the model's own autograd.
+
+For probe cotangents :math:`u` (n1 x k) and :math:`v` (n2 x k),
+
+.. math::
+    :label: ntk-probe-identity
+
+    u^\\top \\Theta(x_1, x_2)\\, v = \\langle J_1^\\top u, J_2^\\top v \\rangle,
+    \\qquad J_1^\\top u = \\nabla_\\theta \\textstyle\\sum_i \\langle u_i, f(x_{1,i}) \\rangle,
+
+where :math:`J_1^\\top u` is one ordinary backward pass of the model on the batch (``torch.autograd.grad``
+with respect to the trainable parameters: no ``functional_call``, no hooks, no ``vmap``). The right-hand
+side holds whatever the model does inside, so a kernel that passes is right whatever a method assumed.
+
+**What is checked.** ``PROBE_PAIRS`` independent Gaussian probe pairs, from a generator of its own seeded
+with ``PROBE_SEED`` (the same probes on every call: same machine, same result). Up to ``ALL_ROWS`` inputs
+per side every row is probed; a larger batch is probed on ``max(ALL_ROWS, ceil(n / ROW_FRACTION))`` rows
+drawn at random, always with the first and the last. In trace and diagonal modes the identity holds per
+output, with cotangents :math:`u \\otimes e_a`, so each probe costs ``k`` backward passes per side.
+
+**Tolerance.** A check fails when :math:`|u^\\top \\hat\\Theta v - \\langle J_1^\\top u, J_2^\\top v\\rangle| > \\tau`,
+
+.. math::
+    \\tau = \\rho \\big(\\|J_1^\\top u\\| \\|J_2^\\top v\\| + \\|u\\| \\|v\\| \\operatorname{rms}(\\hat\\Theta)\\big),
+    \\qquad \\rho = C \\epsilon,
+
+with :math:`\\epsilon` the unit roundoff of the computation (float32 2^-24, float64 2^-53; 2^-11 for
+float32 on a GPU that allows TF32) and ``C = TOLERANCE_FACTOR``. The first term is the Cauchy–Schwarz
+scale of the right-hand side; the second keeps the tolerance at the rounding level of the kernel's
+entries when :math:`J_1^\\top u` happens to cancel (an aligned kernel probed almost orthogonally to its
+top eigenvector). Rounding stays far below :math:`\\tau`: over hundreds of random float32 models the
+largest ratio of discrepancy to :math:`\\tau` is printed by ``tests/test_verify.py``.
+
+**Guarantee.** Let :math:`E = \\hat\\Theta - \\Theta` on the probed rows and
+:math:`S = \\sqrt{\\operatorname{tr}\\Theta_{11} \\operatorname{tr}\\Theta_{22}}`, the typical size of the
+Cauchy–Schwarz scale (:math:`S \\ge \\|\\Theta\\|_F`, and close to it for the nearly low-rank kernels of
+wide networks). One probe pair misses :math:`E` only if :math:`|u^\\top E v| \\le 2\\tau`. For a rank-one
+:math:`E` (the least favourable case in ``tests/test_verify.py``), :math:`u^\\top E v = \\|E\\|_F\\, g h` with
+independent standard normals, so with :math:`q(\\varepsilon) = P(|gh| \\le \\varepsilon)`, an error with
+:math:`\\|E\\|_F \\ge \\delta S` is missed by all pairs with probability at most :math:`q(4\\rho/\\delta)^{m}`
+(:math:`\\tau \\approx 2 \\rho S` with both terms). In float32, :math:`\\rho \\approx 1.9 \\times 10^{-6}`:
+an error of :math:`\\delta = 10^{-3}` of :math:`S` is caught with probability at least
+:math:`1 - q(0.0076)^2 \\ge 1 - 10^{-3}`, one of :math:`\\delta = 10^{-2}` with probability at least
+:math:`1 - 2 \\times 10^{-5}`. On a subset of rows the guarantee is about those rows: an error spread over
+the kernel (a layer's share dropped, a wrong scale, a reordered batch) shows on any subset, while an
+error confined to one input is seen only when that input is drawn.
+
+**Batch independence and determinism** are checked on the same forward pass: the outputs of the first,
+the last and one random input run alone must equal their rows in the batch, and a second run of that
+input the first, to :math:`\\sqrt{\\epsilon}` of each output's scale over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ntkbook.ntk.blocks import ranges
+from ntkbook.ntk.grads import flat_gradient
+from ntkbook.ntk.request import Request, apply
+
+PROBE_SEED = 2018
+PROBE_PAIRS = 2
+ALL_ROWS = 64
+ROW_FRACTION = 8
+TOLERANCE_FACTOR = 32
+
+
+class VerificationError(ValueError):
+    """A kernel disagrees with the model's own autograd on the probe identity; the message gives the
+    discrepancy in units of the tolerance."""
+
+
+def unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
+    """The unit roundoff of products in ``dtype`` on ``device``: TF32's 2^-11 where a GPU allows it."""
+    if dtype == torch.float32 and device.type == "cuda":
+        if torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32:
+            return 2.0**-11
+    return torch.finfo(dtype).eps / 2
+
+
+class Verifier:
+    """The model's side of the identity for one call, computed once and reused along ``auto``'s ladder."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.generator = torch.Generator().manual_seed(PROBE_SEED)
+        self.roundoff = unit_roundoff(request.reference.dtype, request.reference.device)
+        self._sides: tuple | None = None
+
+    def _rows(self, n: int) -> torch.Tensor:
+        if n <= ALL_ROWS:
+            return torch.arange(n)
+        r = max(ALL_ROWS, math.ceil(n / ROW_FRACTION))
+        middle = torch.randperm(n - 2, generator=self.generator)[: r - 2] + 1
+        return torch.cat([torch.tensor([0, n - 1]), middle]).sort().values
+
+    def _probes(self, r: int) -> torch.Tensor:
+        """``(PROBE_PAIRS, r, k)`` standard normal probes, drawn on the CPU in float64."""
+        probes = torch.randn(PROBE_PAIRS, r, self.request.k, generator=self.generator, dtype=torch.float64)
+        # Rounded to the model's dtype once, so that both sides of the identity use the same numbers.
+        return probes.to(self.request.reference.dtype).double()
+
+    def _cotangents(self, probes: torch.Tensor) -> torch.Tensor:
+        """One cotangent per backward pass: the probes themselves in full mode, else ``u_a e_o`` for
+        each probe ``a`` and output ``o``, ``(m, k, r, k)``."""
+        if self.request.mode == "full" or self.request.k == 1:
+            return probes[:, None]
+        eye = torch.eye(self.request.k, dtype=probes.dtype)
+        if self.request.mode == "trace":
+            probes = probes[:, :, :1].expand_as(probes)
+        return probes.transpose(1, 2)[:, :, :, None] * eye[None, :, None, :]
+
+    def _gradients(self, name: str, x: torch.Tensor, rows: torch.Tensor, cot: torch.Tensor) -> tuple:
+        """:math:`J^\\top c` for every cotangent ``c``, ``(m, o, P)`` in float64, and the outputs ``(r, k)``;
+        in chunks of ``chunk_size`` rows, as the kernel was, so memory stays bounded alike."""
+        request = self.request
+        m, o = cot.shape[:2]
+        total = None
+        outputs = []
+        for start, stop in ranges(len(rows), request.chunk_size):
+            out = apply(request.model, name, x[rows[start:stop].to(x.device)])
+            outputs.append(out.detach())
+            c = cot[:, :, start:stop].to(out.dtype).to(out.device)
+            grads = torch.stack([
+                flat_gradient(out, request.params, c[a, b], retain_graph=(a, b) != (m - 1, o - 1))
+                for a in range(m) for b in range(o)
+            ]).double().reshape(m, o, -1)
+            total = grads if total is None else total.add_(grads)
+        return total, torch.cat(outputs)
+
+    def sides(self) -> tuple:
+        """``(rows1, probes1, grads1, rows2, probes2, grads2)``, after the batch checks."""
+        if self._sides is None:
+            request = self.request
+            rows1 = self._rows(request.x1.shape[0])
+            probes1, probes2 = self._probes(len(rows1)), None
+            if request.symmetric:
+                probes2 = self._probes(len(rows1))
+                cot = torch.cat([self._cotangents(probes1), self._cotangents(probes2)])
+                grads, out1 = self._gradients("x1", request.x1, rows1, cot)
+                grads1, grads2, rows2 = grads[:PROBE_PAIRS], grads[PROBE_PAIRS:], rows1
+            else:
+                grads1, out1 = self._gradients("x1", request.x1, rows1, self._cotangents(probes1))
+                rows2 = self._rows(request.x2.shape[0])
+                probes2 = self._probes(len(rows2))
+                grads2, out2 = self._gradients("x2", request.x2, rows2, self._cotangents(probes2))
+            self._check_batch("x1", request.x1, rows1, out1, True)
+            if not request.symmetric:
+                self._check_batch("x2", request.x2, rows2, out2, False)
+            self._sides = rows1, probes1, grads1, rows2, probes2, grads2
+        return self._sides
+
+    def _check_batch(self, name: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, again: bool) -> None:
+        """Outputs of single inputs against their rows of the batch, and (``again``) a second run."""
+        tol = math.sqrt(self.roundoff) * 2
+        scale = out.abs().pow(2).mean(0).sqrt()  # each output's size over the batch
+        picks = [0, len(rows) - 1]
+        if len(rows) > 2:
+            picks.append(int(torch.randint(1, len(rows) - 1, (1,), generator=self.generator)))
+        model = self.request.model
+        with torch.no_grad():
+            alone = {p: apply(model, name, x[int(rows[p]) : int(rows[p]) + 1])[0] for p in dict.fromkeys(picks)}
+            repeat = apply(model, name, x[int(rows[picks[-1]]) : int(rows[picks[-1]]) + 1])[0] if again else None
+        for p, single in alone.items():
+            gap = float(((single - out[p]).abs() / torch.maximum(scale, out[p].abs()).clamp_min(1e-30)).max())
+            if gap > tol:
+                raise ValueError(
+                    f"the model's output for input {int(rows[p])} of {name} run alone differs from its row in the "
+                    f"batch by {gap:.2g} of the output's scale: each input's output must depend on that input "
+                    "alone (no mixing across the batch, such as out - out.mean(0), softmax over dim 0 or a "
+                    "cumulative sum over inputs), or its NTK is not defined"
+                )
+        if repeat is not None:
+            single = alone[picks[-1]]
+            gap = float(((repeat - single).abs() / torch.maximum(scale, single.abs()).clamp_min(1e-30)).max())
+            if gap > tol:
+                raise ValueError(
+                    f"the model gives input {int(rows[picks[-1]])} of {name} outputs {gap:.2g} apart (of their "
+                    "scale) on two runs: it is random (dropout, RReLU or a noise layer in training mode), so its "
+                    "NTK changes from call to call; call model.eval() or make it deterministic"
+                )
+
+    def check(self, kernel: torch.Tensor, method: str) -> None:
+        """Raise :class:`VerificationError` if ``kernel`` fails the identity on any probe pair."""
+        rows1, probes1, grads1, rows2, probes2, grads2 = self.sides()
+        block = kernel[rows1.to(kernel.device)][:, rows2.to(kernel.device)].double().cpu()
+        full = block.ndim == 4 or (block.ndim == 2 and self.request.k == 1)
+        if block.ndim == 2 and self.request.k == 1:
+            block = block[:, :, None, None]
+        if full:
+            lhs = torch.einsum("aio,ijop,bjp->ab", probes1, block, probes2)[..., None]
+            rhs = torch.einsum("aop,bop->ab", grads1, grads2)[..., None]
+            grad_scale = grads1.norm(dim=(1, 2))[:, None] * grads2.norm(dim=(1, 2))[None, :]
+            probe_scale = probes1.norm(dim=(1, 2))[:, None] * probes2.norm(dim=(1, 2))[None, :]
+            rms = block.pow(2).mean().sqrt()
+            tau = (self.roundoff * TOLERANCE_FACTOR * (grad_scale + probe_scale * rms))[..., None]
+        elif block.ndim == 3:  # diagonal: one identity per output
+            lhs = torch.einsum("aio,ijo,bjo->abo", probes1, block, probes2)
+            rhs = torch.einsum("aop,bop->abo", grads1, grads2)
+            grad_scale = grads1.norm(dim=2)[:, None] * grads2.norm(dim=2)[None, :]
+            probe_scale = probes1.norm(dim=1)[:, None] * probes2.norm(dim=1)[None, :]
+            rms = block.pow(2).mean(dim=(0, 1)).sqrt()
+            tau = self.roundoff * TOLERANCE_FACTOR * (grad_scale + probe_scale * rms)
+        else:  # trace: the outputs' identities summed
+            u, v = probes1[:, :, 0], probes2[:, :, 0]
+            lhs = (u @ block @ v.T)[..., None]
+            rhs = torch.einsum("aop,bop->ab", grads1, grads2)[..., None]
+            grad_scale = (grads1.norm(dim=2)[:, None] * grads2.norm(dim=2)[None, :]).sum(-1)
+            probe_scale = u.norm(dim=1)[:, None] * v.norm(dim=1)[None, :]
+            rms = block.pow(2).mean().sqrt()
+            tau = (self.roundoff * TOLERANCE_FACTOR * (grad_scale + probe_scale * rms))[..., None]
+        ratio = float(((lhs - rhs).abs() / tau.clamp_min(torch.finfo(torch.float64).tiny)).max())
+        self.last_ratio = ratio
+        if not ratio <= 1.0:
+            raise VerificationError(
+                f"method={method!r} gave a kernel that disagrees with the model's own autograd: on the probe "
+                f"identity u^T K v = <J1^T u, J2^T v> it is off by {ratio:.3g} times the rounding tolerance"
+            )
