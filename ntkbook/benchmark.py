@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from ntkbook._checks import positive_int
 from ntkbook.models import mlp
 from ntkbook.ntk import METHODS, empirical_ntk, memory_estimate
 from ntkbook.ntk.budget import available_memory
@@ -33,15 +34,9 @@ INPUT_DIM = 20
 FLOOR = "fwd+bwd"
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def build_case(width: int, n: int, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
     """The benchmark's model ``20 -> width -> width -> 1`` and its ``(n, 20)`` inputs, seeded, float32."""
-    _check_count("n", n)
+    n = positive_int("n", n)
     model = mlp(INPUT_DIM, width, 2, generator=torch.Generator().manual_seed(0)).to(device)
     x = torch.randn(n, INPUT_DIM, generator=torch.Generator().manual_seed(1)).to(device)
     return model, x
@@ -54,7 +49,7 @@ def _resident_bytes() -> int:
 
 def run_case(method: str, width: int, n: int, device: torch.device, repeats: int) -> dict[str, object]:
     """Time one method (or the floor, ``"fwd+bwd"``) in this process; returns a row of the table."""
-    _check_count("repeats", repeats)
+    repeats = positive_int("repeats", repeats)
     model, x = build_case(width, n, device)
 
     def call() -> None:

@@ -22,30 +22,47 @@ import math
 
 import torch
 
-from ntkbook.models import _check_generator, _check_positive_int, _check_std
+from ntkbook._checks import finite, positive_int, rounding_tolerance, std
+from ntkbook._checks import generator as check_generator
 
 
-def _as_cosine(u: torch.Tensor) -> torch.Tensor:
+def _as_cosine(u: object) -> torch.Tensor:
+    """``u`` clipped to [-1, 1], refusing values outside it by more than rounding."""
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"u must be a torch.Tensor of cosines, got {type(u).__name__}")
     if not u.is_floating_point():
         raise TypeError(f"u must have a floating dtype, got {u.dtype}")
-    if not torch.isfinite(u).all():
-        raise ValueError("u contains NaN or infinite values; cosines lie in [-1, 1]")
-    # Cosines computed in floating point can leave [-1, 1] by a rounding error; arccos would give NaN.
+    finite("u", u)
+    excess = float((u.abs() - 1.0).max()) if u.numel() else 0.0
+    if excess > rounding_tolerance(u.dtype):
+        raise ValueError(
+            f"u must hold cosines in [-1, 1], got a value of magnitude {1.0 + excess:g}; only rounding "
+            f"errors (up to {rounding_tolerance(u.dtype):.1e} in {u.dtype}) are clipped"
+        )
+    # arccos would give NaN for a cosine that rounding put just outside [-1, 1].
     return u.clamp(-1.0, 1.0)
 
 
-def kappa0(u: torch.Tensor) -> torch.Tensor:
-    """Arc-cosine kernel of degree 0, :math:`\\kappa_0(u) = (\\pi - \\arccos u)/\\pi`, elementwise; ``u`` is clipped to [-1, 1]."""
-    u = _as_cosine(u)
+def _kappa0(u: torch.Tensor) -> torch.Tensor:
     return (math.pi - torch.arccos(u)) / math.pi
 
 
-def kappa1(u: torch.Tensor) -> torch.Tensor:
-    """Arc-cosine kernel of degree 1, :math:`\\kappa_1(u) = (u(\\pi - \\arccos u) + \\sqrt{1-u^2})/\\pi`, elementwise; ``u`` is clipped to [-1, 1]."""
-    u = _as_cosine(u)
+def _kappa1(u: torch.Tensor) -> torch.Tensor:
     return (u * (math.pi - torch.arccos(u)) + torch.sqrt(1.0 - u * u)) / math.pi
+
+
+def kappa0(u: torch.Tensor) -> torch.Tensor:
+    """Arc-cosine kernel of degree 0, :math:`\\kappa_0(u) = (\\pi - \\arccos u)/\\pi`, elementwise.
+
+    ``u`` holds cosines: values outside [-1, 1] by a rounding error are clipped, others refused."""
+    return _kappa0(_as_cosine(u))
+
+
+def kappa1(u: torch.Tensor) -> torch.Tensor:
+    """Arc-cosine kernel of degree 1, :math:`\\kappa_1(u) = (u(\\pi - \\arccos u) + \\sqrt{1-u^2})/\\pi`, elementwise.
+
+    ``u`` holds cosines: values outside [-1, 1] by a rounding error are clipped, others refused."""
+    return _kappa1(_as_cosine(u))
 
 
 # --- ReLU multilayer perceptrons: NNGP and NTK by the layer recursion, and a Monte-Carlo check ---
@@ -74,9 +91,8 @@ def _check_pair(x1: object, x2: object) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"x2 has dtype {x2.dtype} but x1 has {x1.dtype}; pass both in one dtype")
     if x2.device != x1.device:
         raise ValueError(f"x2 is on {x2.device} but x1 is on {x1.device}")
-    for name, x in (("x1", x1), ("x2", x2)):
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
+    finite("x1", x1)
+    finite("x2", x2)
     return x1, x2
 
 
@@ -106,7 +122,10 @@ def _scale_and_cosine(
     underflow = product < torch.finfo(product.dtype).tiny
     scale = torch.where(underflow, torch.sqrt(diag1)[:, None] * torch.sqrt(diag2)[None, :], torch.sqrt(product))
     positive = scale > 0
-    return scale, torch.where(positive, cross / torch.where(positive, scale, 1.0), 0.0)
+    cosine = torch.where(positive, cross / torch.where(positive, scale, 1.0), 0.0)
+    # |cross| <= scale by Cauchy-Schwarz, so a cosine outside [-1, 1] is rounding, however many inputs
+    # summed into it.
+    return scale, cosine.clamp(-1.0, 1.0)
 
 
 def _relu_recursion(
@@ -114,15 +133,15 @@ def _relu_recursion(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the recursion of :func:`relu_ntk` and return ``(nngp, ntk)`` of the readout."""
     x1, x2 = _check_pair(x1, x2)
-    depth = _check_positive_int("depth", depth)
-    var_w = _check_std("weight_std", weight_std) ** 2
-    var_b = _check_std("bias_std", bias_std) ** 2
+    depth = positive_int("depth", depth)
+    var_w = std("weight_std", weight_std) ** 2
+    var_b = std("bias_std", bias_std) ** 2
     cross, diag1, diag2 = _input_covariance(x1, x2, var_w, var_b)
     ntk = cross
     for _ in range(depth):
         scale, cosine = _scale_and_cosine(cross, diag1, diag2)
-        cross = 0.5 * var_w * scale * kappa1(cosine) + var_b
-        derivative = 0.5 * var_w * kappa0(cosine)
+        cross = 0.5 * var_w * scale * _kappa1(cosine) + var_b
+        derivative = 0.5 * var_w * _kappa0(cosine)
         ntk = cross + ntk * derivative
         # kappa1(1) = 1, so the variances follow the same map without a cosine.
         diag1 = 0.5 * var_w * diag1 + var_b
@@ -246,11 +265,10 @@ def mc_relu_ntk(
     Introduced in chapter 3 (:doc:`/chapters/03_arccos_kernel`).
     """
     x1, x2 = _check_pair(x1, x2)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-        raise TypeError(f"num_samples must be an int >= 2, got {type(num_samples).__name__} {num_samples!r}")
+    num_samples = positive_int("num_samples", num_samples)
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 to estimate a standard error, got {num_samples}")
-    generator = _check_generator(generator)
+    generator = check_generator(generator)
     if generator is not None and generator.device.type != x1.device.type:
         raise ValueError(f"generator is on {generator.device} but x1 is on {x1.device}; they must match")
     fan_in = x1.shape[1]
@@ -284,11 +302,11 @@ def _hadamard_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
     """Branch covariance ``K``, ``E[relu relu]``, ``E[relu' relu']`` and the two variances ``sigma_w^2, sigma_b^2``."""
     x1, x2 = _check_pair(x1, x2)
-    var_w = _check_std("weight_std", weight_std) ** 2
-    var_b = _check_std("bias_std", bias_std) ** 2
+    var_w = std("weight_std", weight_std) ** 2
+    var_b = std("bias_std", bias_std) ** 2
     cross, diag1, diag2 = _input_covariance(x1, x2, var_w, var_b)
     scale, cosine = _scale_and_cosine(cross, diag1, diag2)
-    return cross, 0.5 * scale * kappa1(cosine), 0.5 * kappa0(cosine), var_w, var_b
+    return cross, 0.5 * scale * _kappa1(cosine), 0.5 * _kappa0(cosine), var_w, var_b
 
 
 def hadamard_nngp(

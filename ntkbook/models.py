@@ -23,6 +23,9 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from ntkbook._checks import generator as check_generator
+from ntkbook._checks import positive_int, std
+
 #: The two parameterisations every network takes, ``"ntk"`` (Jacot et al.) or ``"standard"`` (PyTorch).
 Parameterization = Literal["ntk", "standard"]
 
@@ -41,32 +44,9 @@ class _Erf(nn.Module):
         return torch.erf(x)
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
-def _check_dims(**dims: object) -> None:
-    """Check each size by the caller's own argument name (``dense`` would report ``in_features``)."""
-    for name, value in dims.items():
-        _check_positive_int(name, value)
-
-
-def _check_std(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite non-negative float, got {value}")
-    return float(value)
-
-
-def _check_generator(generator: object) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return generator
+def _check_dims(**dims: object) -> list[int]:
+    """Each size as an int, checked by the caller's own argument name (``dense`` would report ``in_features``)."""
+    return [positive_int(name, value) for name, value in dims.items()]
 
 
 class NTKLinear(nn.Module):
@@ -88,14 +68,14 @@ class NTKLinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
-        self.weight_std = _check_std("weight_std", weight_std)
-        self.bias_std = _check_std("bias_std", bias_std)
-        generator = _check_generator(generator)
-        self.weight = nn.Parameter(torch.randn(out_features, in_features, generator=generator))
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
+        self.weight_std = std("weight_std", weight_std)
+        self.bias_std = std("bias_std", bias_std)
+        generator = check_generator(generator)
+        self.weight = nn.Parameter(torch.randn(self.out_features, self.in_features, generator=generator))
         if self.bias_std > 0:
-            self.bias: nn.Parameter | None = nn.Parameter(torch.randn(out_features, generator=generator))
+            self.bias: nn.Parameter | None = nn.Parameter(torch.randn(self.out_features, generator=generator))
         else:
             self.register_parameter("bias", None)
 
@@ -144,9 +124,8 @@ def dense(
             "weight_std and bias_std set the NTK parameterisation; with parameterization='standard' "
             f"leave them at 1.0 and 0.0 (got weight_std={weight_std}, bias_std={bias_std})"
         )
-    _check_positive_int("in_features", in_features)
-    _check_positive_int("out_features", out_features)
-    generator = _check_generator(generator)
+    in_features, out_features = _check_dims(in_features=in_features, out_features=out_features)
+    generator = check_generator(generator)
     layer = nn.Linear(in_features, out_features)
     bound = 1.0 / math.sqrt(in_features)
     with torch.no_grad():
@@ -241,8 +220,10 @@ def mlp(
     ``input_dim -> width -> ... -> width -> output_dim`` with ``activation`` after every hidden layer
     and a linear readout; maps ``(n, input_dim)`` to ``(n, output_dim)``. Every layer, readout
     included, uses the same ``parameterization``, ``weight_std`` and ``bias_std`` (see :func:`dense`).
-        """
-    _check_dims(input_dim=input_dim, width=width, depth=depth, output_dim=output_dim)
+    """
+    input_dim, width, depth, output_dim = _check_dims(
+        input_dim=input_dim, width=width, depth=depth, output_dim=output_dim
+    )
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
     kwargs = dict(parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator)

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ntkbook.models import _check_positive_int
+from ntkbook._checks import finite, positive_float, positive_int
 from ntkbook.ntk import empirical_ntk
-from ntkbook.ntk.request import check_batch as _check_input, trainable_parameters as _trainable_parameters
+from ntkbook.ntk.request import check_batch, trainable_parameters
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -73,16 +73,8 @@ class History:
     ntk: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _check_positive_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite positive number, got {value}")
-    return float(value)
-
-
 def _check_model(model: object) -> list[nn.Parameter]:
-    return _trainable_parameters(model, "there is nothing to train")
+    return trainable_parameters(model, "there is nothing to train")
 
 
 def _targets_like(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -134,15 +126,15 @@ def train(
     Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
     params = _check_model(model)
-    x = _check_input("x", x, params[0])
-    y = _check_input("y", y, params[0])
+    x = check_batch("x", x, params[0])
+    y = check_batch("y", y, params[0])
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
-    steps = _check_positive_int("steps", steps)
-    lr = _check_positive_number("lr", lr)
-    alpha = _check_positive_number("alpha", alpha)
+    steps = positive_int("steps", steps)
+    lr = positive_float("lr", lr)
+    alpha = positive_float("alpha", alpha)
     if ntk_every is not None:
-        ntk_every = _check_positive_int("ntk_every", ntk_every)
+        ntk_every = positive_int("ntk_every", ntk_every)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
     if progress is None:
@@ -299,7 +291,7 @@ class Scaled(nn.Module):
         super().__init__()
         _check_model(model)
         self.module = model
-        self.alpha = _check_positive_number("alpha", alpha)
+        self.alpha = positive_float("alpha", alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:math:`\\alpha f(x;\\theta)` for a batch ``x``, shaped like ``model(x)``."""
@@ -364,8 +356,7 @@ def _check_kernel(
     if reference is not None and (value.dtype != reference.dtype or value.device != reference.device):
         raise TypeError(f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
                         f"got ({value.dtype}, {value.device})")
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+    finite(name, value)
     return value
 
 
@@ -380,8 +371,7 @@ def _check_vector(name: str, value: object, length: int | None, reference: torch
     if value.dtype != reference.dtype or value.device != reference.device:
         raise TypeError(f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
                         f"got ({value.dtype}, {value.device})")
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+    finite(name, value)
     return value.detach()
 
 
@@ -429,8 +419,8 @@ def ntk_predict(
     n = kernel.shape[0]
     f0 = _check_vector("f0", f0, n, kernel)
     y = _check_vector("y", y, n, kernel)
-    lr = _check_positive_number("lr", lr)
-    alpha = _check_positive_number("alpha", alpha)
+    lr = positive_float("lr", lr)
+    alpha = positive_float("alpha", alpha)
     single = isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
     step_list = [steps] if single else list(steps) if isinstance(steps, (list, tuple, range)) else None
     if step_list is None or not step_list or any(
@@ -476,7 +466,7 @@ def critical_lr(kernel: torch.Tensor, *, alpha: float = 1.0) -> float:
     ``lr`` passes this value. Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
     kernel = _check_kernel("kernel", kernel)
-    alpha = _check_positive_number("alpha", alpha)
+    alpha = positive_float("alpha", alpha)
     largest = float(torch.linalg.eigvalsh(kernel.detach()).max())
     if largest <= 0:
         raise ValueError("kernel has no positive eigenvalue, so every learning rate is stable")

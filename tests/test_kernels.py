@@ -57,6 +57,16 @@ def test_kappas_clip_rounding_outside_the_unit_interval() -> None:
     torch.testing.assert_close(kappa1(u), torch.tensor([1.0, 0.0]))
 
 
+def test_kappas_take_cosines_rounded_in_many_dimensions_but_refuse_others() -> None:
+    # Cosines of unit vectors in 1e5 dimensions miss [-1, 1] by up to ~100 eps in float64 (sum rounding).
+    x = torch.randn(20, 100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    unit = x / x.norm(dim=1, keepdim=True)
+    u = torch.cat([unit, -unit]) @ unit.T
+    assert torch.isfinite(kappa0(u)).all() and torch.isfinite(kappa1(u)).all()
+    with pytest.raises(ValueError, match=r"u must hold cosines in \[-1, 1\], got a value of magnitude 1.01"):
+        kappa0(torch.tensor([0.5, 1.01], dtype=torch.float64))
+
+
 @pytest.mark.parametrize(("u", "error", "match"), [
     ([0.5], TypeError, "u must be a torch.Tensor"),
     (torch.tensor([1, 0]), TypeError, "u must have a floating dtype"),
@@ -281,8 +291,8 @@ def test_bad_hyperparameters_get_clear_errors(kwargs: dict, error: type, match: 
 
 @pytest.mark.parametrize(("num_samples", "kwargs", "error", "match"), [
     (1, {}, ValueError, "num_samples must be >= 2"),
-    (10.0, {}, TypeError, "num_samples must be an int"),
-    (True, {}, TypeError, "num_samples must be an int"),
+    (10.0, {}, TypeError, "num_samples must be a positive int"),
+    (True, {}, TypeError, "num_samples must be a positive int"),
     (10, dict(generator=0), TypeError, "generator must be a torch.Generator"),
 ])
 def test_mc_bad_arguments_get_clear_errors(num_samples: object, kwargs: dict, error: type, match: str) -> None:

@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # figures for the plotting cases are never shown
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
@@ -275,6 +276,7 @@ def _pair_cases(name: str, f: Callable[..., object]) -> list[Bad]:
         Bad(name, "x2 other dimension", lambda: f(_x(), _x(2, 4)), ValueError, "x2"),
         Bad(name, "x2 other dtype", lambda: f(_x(), _x(dtype=torch.float64)), TypeError, "x2"),
         Bad(name, "x2 on another device", lambda: f(_x(), _x().to(META)), ValueError, "x2"),
+        Bad(name, "x1 and x2 on the meta device", lambda: f(_x().to(META), _x().to(META)), ValueError, "x1"),
     ]
 
 
@@ -292,6 +294,9 @@ def _kappa_cases(name: str, f: Callable[..., object]) -> list[Bad]:
         Bad(name, "u integer dtype", lambda: f(torch.ones(3, dtype=torch.int64)), TypeError, "u"),
         Bad(name, "u NaN", lambda: f(torch.tensor([0.5, NAN])), ValueError, "u"),
         Bad(name, "u inf", lambda: f(torch.tensor([0.5, INF])), ValueError, "u"),
+        Bad(name, "u 3, no cosine", lambda: f(torch.tensor([0.5, 3.0])), ValueError, "u"),
+        Bad(name, "u -1.001 in float64", lambda: f(torch.tensor([-1.001], dtype=torch.float64)), ValueError, "u"),
+        Bad(name, "u on the meta device", lambda: f(torch.zeros(3, device=META)), ValueError, "u"),
     ]
 
 
@@ -396,7 +401,8 @@ def _wrapper_cases(name: str, f: Callable[[object], object]) -> list[Bad]:
 TRAINING_CASES: list[Bad] = [
     Bad("training.train", "model is not a Module", lambda: _train(model=lambda x: x), TypeError, "model"),
     Bad("training.train", "no trainable parameters", lambda: _train(model=_frozen()), ValueError, "model"),
-    Bad("training.train", "x integer dtype", lambda: _train(x=torch.ones(4, 3, dtype=torch.int64)), TypeError, "x"),
+    # Integer inputs are accepted (token ids), as by empirical_ntk; a float model that cannot take them is named with x.
+    Bad("training.train", "x integer, model float", lambda: _train(x=torch.ones(4, 3, dtype=torch.int64)), ValueError, "x"),
     Bad("training.train", "x empty", lambda: _train(x=_x(0), y=_y(0)), ValueError, "x"),
     Bad("training.train", "x NaN", lambda: _train(x=_with(NAN)), ValueError, "x"),
     Bad("training.train", "x on another device", lambda: _train(x=_x().to(META)), ValueError, "x"),
@@ -463,6 +469,8 @@ NOT_CALLED_BY_USERS = {"training.History", "training.NTKPrediction"}
 def public_callables() -> set[str]:
     names = {"ntkbook.default_device"}
     for info in pkgutil.iter_modules(ntkbook.__path__):
+        if info.name.startswith("_"):  # private modules (ntkbook._checks) serve the public ones
+            continue
         module = importlib.import_module(f"ntkbook.{info.name}")
         for name, obj in vars(module).items():
             if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
@@ -470,6 +478,23 @@ def public_callables() -> set[str]:
             if inspect.isfunction(obj) or (inspect.isclass(obj) and not issubclass(obj, BaseException)):
                 names.add(f"{info.name}.{name}")
     return names
+
+
+def test_integral_numbers_are_accepted_where_an_int_is_wanted() -> None:
+    i = np.int64
+    layer = models.NTKLinear(i(3), i(2))
+    assert (layer.in_features, layer.out_features) == (3, 2) and type(layer.in_features) is int
+    assert models.dense(i(3), i(2), parameterization="standard").in_features == 3
+    for net in (models.TwoLayerNet(i(3), i(4), i(1)), models.HadamardNet(i(3), i(4), i(1)),
+                models.mlp(i(3), i(4), i(2), i(1))):
+        assert net(_x()).shape == (4, 1)
+    torch.testing.assert_close(kernels.relu_ntk(_x(), _x(), i(2)), kernels.relu_ntk(_x(), _x(), 2))
+    assert kernels.mc_relu_ntk(_x(), _x(), i(10))[0].shape == (4, 4)
+    history = _train(steps=i(2), ntk_every=i(1))
+    assert history.loss.shape == (3,) and sorted(history.ntk) == [0, 1, 2]
+    assert _predict(steps=i(3)).train.shape == (4,) and _predict(steps=[i(1), i(2)]).train.shape == (2, 4)
+    _, x = benchmark.build_case(i(8), i(4), torch.device("cpu"))
+    assert x.shape == (4, benchmark.INPUT_DIM)
 
 
 @pytest.mark.parametrize("bad", BAD_INPUT, ids=lambda b: f"{b.function}: {b.case}")
