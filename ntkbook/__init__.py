@@ -2,8 +2,9 @@
 
 Modules: :mod:`ntkbook.models` (networks in the NTK and standard parameterisations),
 :mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.kernels` (analytic
-infinite-width kernels), :mod:`ntkbook.training` (gradient descent, linearised models and
-NTK predictions) and :mod:`ntkbook.plotting` (the book's figure style).
+infinite-width kernels), :mod:`ntkbook.training` (gradient descent), :mod:`ntkbook.linearized`
+(linearised, centred and scaled models, and NTK predictions) and :mod:`ntkbook.plotting` (the book's
+figure style).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from ntkbook.kernels import hadamard_nngp, hadamard_ntk, kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
 from ntkbook.ntk import empirical_ntk
-from ntkbook.training import DivergenceError, centered, critical_lr, linearize, ntk_predict, scaled, train
+from ntkbook.linearized import centered, critical_lr, linearize, ntk_predict, scaled
+from ntkbook.training import DivergenceError, train
 
 __version__ = "0.1.0"
 

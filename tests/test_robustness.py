@@ -27,7 +27,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ntkbook  # noqa: E402
-from ntkbook import benchmark, kernels, models, ntk, plotting, training  # noqa: E402
+from ntkbook import benchmark, kernels, linearized, models, ntk, plotting, training  # noqa: E402
 
 PROPERTIES = settings(derandomize=True, max_examples=15, deadline=None, database=None)
 
@@ -388,7 +388,7 @@ def _gram() -> torch.Tensor:
 
 def _predict(**overrides: object) -> object:
     args = {"kernel": _gram(), "f0": _y().double(), "y": _y().double(), "lr": 0.1, "steps": 3} | overrides
-    return training.ntk_predict(**args)
+    return linearized.ntk_predict(**args)
 
 
 def _wrapper_cases(name: str, f: Callable[[object], object]) -> list[Bad]:
@@ -415,35 +415,35 @@ TRAINING_CASES: list[Bad] = [
     Bad("training.train", "lr NaN", lambda: _train(lr=NAN), ValueError, "lr"),
     Bad("training.train", "alpha 0", lambda: _train(alpha=0.0), ValueError, "alpha"),
     Bad("training.train", "ntk_every 0", lambda: _train(ntk_every=0), ValueError, "ntk_every"),
-    *_wrapper_cases("training.linearize", training.linearize),
-    *_wrapper_cases("training.Linearized", training.Linearized),
-    *_wrapper_cases("training.centered", training.centered),
-    *_wrapper_cases("training.Centered", training.Centered),
-    *_wrapper_cases("training.scaled", lambda m: training.scaled(m, 2.0)),
-    Bad("training.scaled", "alpha 0", lambda: training.scaled(_net(), 0.0), ValueError, "alpha"),
-    Bad("training.scaled", "alpha inf", lambda: training.scaled(_net(), INF), ValueError, "alpha"),
-    *_wrapper_cases("training.Scaled", lambda m: training.Scaled(m, 2.0)),
-    Bad("training.Scaled", "alpha a string", lambda: training.Scaled(_net(), "2"), TypeError, "alpha"),
-    Bad("training.ntk_predict", "kernel not square", lambda: _predict(kernel=_gram()[:3]), ValueError, "kernel"),
-    Bad("training.ntk_predict", "kernel a list", lambda: _predict(kernel=[[1.0]]), TypeError, "kernel"),
-    Bad("training.ntk_predict", "kernel empty", lambda: _predict(kernel=torch.ones(0, 0, dtype=torch.float64),
+    *_wrapper_cases("linearized.linearize", linearized.linearize),
+    *_wrapper_cases("linearized.Linearized", linearized.Linearized),
+    *_wrapper_cases("linearized.centered", linearized.centered),
+    *_wrapper_cases("linearized.Centered", linearized.Centered),
+    *_wrapper_cases("linearized.scaled", lambda m: linearized.scaled(m, 2.0)),
+    Bad("linearized.scaled", "alpha 0", lambda: linearized.scaled(_net(), 0.0), ValueError, "alpha"),
+    Bad("linearized.scaled", "alpha inf", lambda: linearized.scaled(_net(), INF), ValueError, "alpha"),
+    *_wrapper_cases("linearized.Scaled", lambda m: linearized.Scaled(m, 2.0)),
+    Bad("linearized.Scaled", "alpha a string", lambda: linearized.Scaled(_net(), "2"), TypeError, "alpha"),
+    Bad("linearized.ntk_predict", "kernel not square", lambda: _predict(kernel=_gram()[:3]), ValueError, "kernel"),
+    Bad("linearized.ntk_predict", "kernel a list", lambda: _predict(kernel=[[1.0]]), TypeError, "kernel"),
+    Bad("linearized.ntk_predict", "kernel empty", lambda: _predict(kernel=torch.ones(0, 0, dtype=torch.float64),
                                                                 f0=_y(0).double(), y=_y(0).double()), ValueError, "kernel"),
-    Bad("training.ntk_predict", "f0 wrong length", lambda: _predict(f0=_y(3).double()), ValueError, "f0"),
-    Bad("training.ntk_predict", "f0 float32", lambda: _predict(f0=_y()), TypeError, "f0"),
-    Bad("training.ntk_predict", "y on another device", lambda: _predict(y=_y().double().to(META)), TypeError, "y"),
-    Bad("training.ntk_predict", "lr 0", lambda: _predict(lr=0.0), ValueError, "lr"),
-    Bad("training.ntk_predict", "steps negative", lambda: _predict(steps=-1), ValueError, "steps"),
-    Bad("training.ntk_predict", "kernel_test without f0_test", lambda: _predict(kernel_test=_gram()), ValueError, "f0_test"),
-    Bad("training.ntk_predict", "kernel_test wrong width", lambda: _predict(kernel_test=_gram()[:, :3], f0_test=_y().double()),
+    Bad("linearized.ntk_predict", "f0 wrong length", lambda: _predict(f0=_y(3).double()), ValueError, "f0"),
+    Bad("linearized.ntk_predict", "f0 float32", lambda: _predict(f0=_y()), TypeError, "f0"),
+    Bad("linearized.ntk_predict", "y on another device", lambda: _predict(y=_y().double().to(META)), TypeError, "y"),
+    Bad("linearized.ntk_predict", "lr 0", lambda: _predict(lr=0.0), ValueError, "lr"),
+    Bad("linearized.ntk_predict", "steps negative", lambda: _predict(steps=-1), ValueError, "steps"),
+    Bad("linearized.ntk_predict", "kernel_test without f0_test", lambda: _predict(kernel_test=_gram()), ValueError, "f0_test"),
+    Bad("linearized.ntk_predict", "kernel_test wrong width", lambda: _predict(kernel_test=_gram()[:, :3], f0_test=_y().double()),
         ValueError, "kernel_test"),
-    Bad("training.critical_lr", "kernel not square", lambda: training.critical_lr(_gram()[:3]), ValueError, "kernel"),
-    Bad("training.critical_lr", "alpha negative", lambda: training.critical_lr(_gram(), alpha=-1.0), ValueError, "alpha"),
+    Bad("linearized.critical_lr", "kernel not square", lambda: linearized.critical_lr(_gram()[:3]), ValueError, "kernel"),
+    Bad("linearized.critical_lr", "alpha negative", lambda: linearized.critical_lr(_gram(), alpha=-1.0), ValueError, "alpha"),
     Bad("training.train", "x wrong trailing shape", lambda: _train(x=_x(4, 5)), ValueError, "x"),
-    Bad("training.ntk_predict", "kernel NaN", lambda: _predict(kernel=_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
-    Bad("training.ntk_predict", "y inf", lambda: _predict(y=torch.tensor([1.0, INF, 0.0, 0.0], dtype=torch.float64)),
+    Bad("linearized.ntk_predict", "kernel NaN", lambda: _predict(kernel=_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
+    Bad("linearized.ntk_predict", "y inf", lambda: _predict(y=torch.tensor([1.0, INF, 0.0, 0.0], dtype=torch.float64)),
         ValueError, "y"),
-    Bad("training.critical_lr", "kernel a list", lambda: training.critical_lr([[1.0]]), TypeError, "kernel"),
-    Bad("training.critical_lr", "kernel NaN", lambda: training.critical_lr(_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
+    Bad("linearized.critical_lr", "kernel a list", lambda: linearized.critical_lr([[1.0]]), TypeError, "kernel"),
+    Bad("linearized.critical_lr", "kernel NaN", lambda: linearized.critical_lr(_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
 ]
 
 BENCHMARK_CASES: list[Bad] = [
@@ -463,7 +463,7 @@ BAD_INPUT += TRAINING_CASES + BENCHMARK_CASES
 # Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
 NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main"}
 # Result containers that ntkbook's own functions fill in (train, ntk_predict), never built by readers.
-NOT_CALLED_BY_USERS = {"training.History", "training.NTKPrediction"}
+NOT_CALLED_BY_USERS = {"training.History", "linearized.NTKPrediction"}
 
 
 def public_callables() -> set[str]:

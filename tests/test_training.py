@@ -1,4 +1,5 @@
-"""ntkbook.training: gradient descent, linearised/centred/scaled models, and the closed-form NTK prediction."""
+"""ntkbook.training and ntkbook.linearized: gradient descent, linearised/centred/scaled models, and the
+closed-form NTK prediction."""
 
 from __future__ import annotations
 
@@ -12,15 +13,8 @@ from torch import nn
 
 from ntkbook import mlp
 from ntkbook.ntk import empirical_ntk
-from ntkbook.training import (
-    DivergenceError,
-    critical_lr,
-    centered,
-    linearize,
-    ntk_predict,
-    scaled,
-    train,
-)
+from ntkbook.linearized import centered, critical_lr, linearize, ntk_predict, scaled
+from ntkbook.training import DivergenceError, train
 
 
 def data(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
