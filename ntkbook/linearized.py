@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ntkbook._checks import finite, positive_float
+from ntkbook._checks import finite, positive_float, rounding_tolerance
 from ntkbook.ntk.request import trainable_parameters
 
 
@@ -157,7 +157,7 @@ class NTKPrediction:
 def _check_kernel(
     name: str, value: object, columns: int | None = None, reference: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """A finite floating-point matrix: square ``(n, n)`` when ``columns`` is None, else ``(m, columns)``
+    """A finite floating-point matrix: symmetric ``(n, n)`` when ``columns`` is None, else ``(m, columns)``
     with the dtype and device of ``reference``."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -172,7 +172,23 @@ def _check_kernel(
         raise TypeError(f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
                         f"got ({value.dtype}, {value.device})")
     finite(name, value)
+    if columns is None:
+        _check_symmetric(name, value)
     return value
+
+
+def _check_symmetric(name: str, kernel: torch.Tensor) -> None:
+    """eigh reads one triangle only, so a square matrix that is not Θ(X, X), such as Θ(x_test, x_train)
+    for as many test as training inputs, would be misread without a word. Rounding leaves a computed
+    NTK symmetric to within ``rounding_tolerance`` (relative to its largest entry); a cross kernel is
+    asymmetric at the scale of its entries."""
+    asymmetry = float((kernel - kernel.T).abs().max())
+    scale = float(kernel.abs().max())
+    if asymmetry > rounding_tolerance(kernel.dtype) * scale:
+        raise ValueError(
+            f"{name} must be the symmetric NTK Θ(X, X) of the training inputs, but max |K - K^T| = {asymmetry:.3g} "
+            f"against max |K| = {scale:.3g}; pass Θ(x_test, x_train) as kernel_test"
+        )
 
 
 def _check_vector(name: str, value: object, length: int | None, reference: torch.Tensor) -> torch.Tensor:
@@ -216,7 +232,8 @@ def ntk_predict(
     small ``lr``; this discrete one matches :func:`~ntkbook.training.train` on :func:`linearize` up to rounding.
 
     Args:
-        kernel: the empirical NTK ``(n, n)`` of the trained model (include ``alpha**2`` if it is scaled).
+        kernel: the empirical NTK ``(n, n)`` of the trained model on the training inputs, symmetric up to
+            rounding (include ``alpha**2`` if the model is scaled).
         f0: initial outputs on the training inputs, ``(n,)`` or ``(n, 1)``.
         y: targets ``(n,)`` or ``(n, 1)``.
         lr: the learning rate given to :func:`~ntkbook.training.train`.
@@ -276,9 +293,10 @@ def ntk_predict(
 def critical_lr(kernel: torch.Tensor, *, alpha: float = 1.0) -> float:
     """The largest stable learning rate for the linearised model, :math:`n\\alpha^2/\\lambda_{\\max}(\\Theta)`.
 
-    Gradient descent (:func:`~ntkbook.training.train` with the same ``alpha``) multiplies the residual's component along each eigenvector of ``kernel``
-    ``(n, n)`` by :math:`1 - 2\\,\\mathrm{lr}\\,\\lambda/(n\\alpha^2)`, which exceeds 1 in magnitude when
-    ``lr`` passes this value. Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    Gradient descent (:func:`~ntkbook.training.train` with the same ``alpha``) multiplies the residual's
+    component along each eigenvector of ``kernel``, the symmetric NTK ``(n, n)`` on the training inputs,
+    by :math:`1 - 2\\,\\mathrm{lr}\\,\\lambda/(n\\alpha^2)`, which exceeds 1 in magnitude when ``lr``
+    passes this value. Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
     """
     kernel = _check_kernel("kernel", kernel)
     alpha = positive_float("alpha", alpha)

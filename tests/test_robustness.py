@@ -386,6 +386,11 @@ def _gram() -> torch.Tensor:
     return x @ x.T + torch.eye(4, dtype=torch.float64)
 
 
+def _cross() -> torch.Tensor:
+    """Θ(x_test, x_train) for as many test as training inputs: square, but not symmetric."""
+    return _x(4, 3, torch.float64) @ (_x(4, 3, torch.float64) + 1.0).T
+
+
 def _predict(**overrides: object) -> object:
     args = {"kernel": _gram(), "f0": _y().double(), "y": _y().double(), "lr": 0.1, "steps": 3} | overrides
     return linearized.ntk_predict(**args)
@@ -442,6 +447,12 @@ TRAINING_CASES: list[Bad] = [
     Bad("linearized.ntk_predict", "kernel NaN", lambda: _predict(kernel=_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
     Bad("linearized.ntk_predict", "y inf", lambda: _predict(y=torch.tensor([1.0, INF, 0.0, 0.0], dtype=torch.float64)),
         ValueError, "y"),
+    Bad("linearized.ntk_predict", "kernel not symmetric", lambda: _predict(kernel=_cross()), ValueError, "kernel"),
+    Bad("linearized.ntk_predict", "kernel on the meta device", lambda: _predict(kernel=_gram().to(META)),
+        ValueError, "kernel"),
+    Bad("linearized.critical_lr", "kernel not symmetric", lambda: linearized.critical_lr(_cross()), ValueError, "kernel"),
+    Bad("linearized.critical_lr", "kernel on the meta device", lambda: linearized.critical_lr(_gram().to(META)),
+        ValueError, "kernel"),
     Bad("linearized.critical_lr", "kernel a list", lambda: linearized.critical_lr([[1.0]]), TypeError, "kernel"),
     Bad("linearized.critical_lr", "kernel NaN", lambda: linearized.critical_lr(_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
 ]

@@ -159,6 +159,35 @@ def test_ntk_predict_warns_beyond_the_critical_learning_rate() -> None:
         ntk_predict(kernel, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), lr=0.6, steps=3)
 
 
+def test_kernels_symmetric_up_to_rounding_are_accepted_and_cross_kernels_refused() -> None:
+    x, y = data(8)
+    model = net(width=64).float()
+    f0 = model(x.float()).detach()
+    exact = empirical_ntk(model, x.float())
+    assert exact.equal(exact.T)
+    crossed = empirical_ntk(model, x.float(), x.float())  # asked for as a cross kernel of X with itself
+    # Features of 1e5 entries summed in two orders, one per triangle: float32 rounding makes the
+    # triangles differ (by a few eps of the largest entry), as in a kernel assembled from blocks.
+    features = torch.randn(8, 100_000, generator=torch.Generator().manual_seed(0))
+    one_order = features @ features.T
+    two_halves = features[:, :50_000] @ features[:, :50_000].T + features[:, 50_000:] @ features[:, 50_000:].T
+    rounded = one_order.triu() + two_halves.tril(-1)
+    assert not rounded.equal(rounded.T)
+    for kernel in (exact, crossed, rounded):
+        lr = 0.5 * critical_lr(kernel)
+        torch.testing.assert_close(
+            ntk_predict(kernel, f0, y.float(), lr=lr, steps=5).train,
+            ntk_predict((kernel + kernel.T) / 2, f0, y.float(), lr=lr, steps=5).train,
+            rtol=1e-4, atol=1e-5,
+        )
+    # Θ(x_test, x_train) with as many test as training inputs is square, but its triangles disagree.
+    cross = empirical_ntk(model, x.float() + 0.5, x.float())
+    with pytest.raises(ValueError, match="kernel must be the symmetric NTK"):
+        ntk_predict(cross, f0, y.float(), lr=0.1, steps=5)
+    with pytest.raises(ValueError, match="kernel must be the symmetric NTK"):
+        critical_lr(cross)
+
+
 def test_centered_starts_at_zero_shares_parameters_and_keeps_the_ntk() -> None:
     x, y = data()
     model = net()
