@@ -15,7 +15,7 @@ import copy
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,24 @@ def _parameter(module: nn.Module, name: str) -> torch.Tensor:
     it is the substituted plain tensor, which ``get_parameter`` would reject."""
     prefix, _, leaf = name.rpartition(".")
     return getattr(module.get_submodule(prefix), leaf)
+
+
+def _apply(call: Callable[[torch.Tensor], torch.Tensor], x: object, reference: torch.Tensor) -> torch.Tensor:
+    """``call(x)`` for a wrapper's forward, with bad inputs named as ``x`` instead of surfacing as torch's
+    errors from inside :func:`torch.func.functional_call`. Integer inputs pass (token ids, for models
+    that embed them); ``x`` is not checked for NaN, which would cost a GPU sync on every call."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of the model's inputs, got {type(x).__name__}")
+    if x.is_floating_point() and x.dtype != reference.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {reference.dtype}")
+    if x.device != reference.device:
+        raise ValueError(f"x is on {x.device} but the model's parameters are on {reference.device}")
+    try:
+        return call(x)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        raise ValueError(f"model cannot be applied to x of shape {tuple(x.shape)} and dtype {x.dtype}: {err}") from None
 
 
 class Linearized(nn.Module):
@@ -63,8 +81,12 @@ class Linearized(nn.Module):
         """:math:`f(x;\\theta_0) + J(x;\\theta_0)(\\theta - \\theta_0)` for a batch ``x``, shaped like ``model(x)``."""
         theta0 = self.initial_parameters()
         delta = {name: _parameter(self.module, name) - theta0[name] for name in self._names}
-        out0, tangent = jvp(lambda theta: functional_call(self.module, theta, (x,)), (theta0,), (delta,))
-        return out0 + tangent
+
+        def expansion(x: torch.Tensor) -> torch.Tensor:
+            out0, tangent = jvp(lambda theta: functional_call(self.module, theta, (x,)), (theta0,), (delta,))
+            return out0 + tangent
+
+        return _apply(expansion, x, self.theta0_0)
 
 
 class Centered(nn.Module):
@@ -88,9 +110,13 @@ class Centered(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:math:`f(x;\\theta) - f(x;\\theta_0)` for a batch ``x``, shaped like ``model(x)``."""
         theta0 = {name: getattr(self, f"theta0_{i}") for i, name in enumerate(self._names)}
-        with torch.no_grad():
-            initial = functional_call(self.module, theta0, (x,))
-        return self.module(x) - initial
+
+        def difference(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                initial = functional_call(self.module, theta0, (x,))
+            return self.module(x) - initial
+
+        return _apply(difference, x, self.theta0_0)
 
 
 class Scaled(nn.Module):

@@ -403,6 +403,18 @@ def _wrapper_cases(name: str, f: Callable[[object], object]) -> list[Bad]:
     ]
 
 
+def _forward_cases(name: str, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> list[Bad]:
+    """Bad ``x`` in a call of the wrapped model, which runs the model inside torch.func."""
+    return [
+        Bad(name, "called on x of the wrong trailing shape", lambda: wrap(_net())(_x(4, 5)), ValueError, "x"),
+        Bad(name, "called on x float64, model float32", lambda: wrap(_net())(_x(dtype=torch.float64)), TypeError, "x"),
+        Bad(name, "called on integer x, model float", lambda: wrap(_net())(torch.ones(4, 3, dtype=torch.int64)),
+            ValueError, "x"),
+        Bad(name, "called on a list", lambda: wrap(_net())([[0.0, 1.0, 2.0]]), TypeError, "x"),
+        Bad(name, "called on x on another device", lambda: wrap(_net())(_x().to(META)), ValueError, "x"),
+    ]
+
+
 TRAINING_CASES: list[Bad] = [
     Bad("training.train", "model is not a Module", lambda: _train(model=lambda x: x), TypeError, "model"),
     Bad("training.train", "no trainable parameters", lambda: _train(model=_frozen()), ValueError, "model"),
@@ -422,8 +434,10 @@ TRAINING_CASES: list[Bad] = [
     Bad("training.train", "ntk_every 0", lambda: _train(ntk_every=0), ValueError, "ntk_every"),
     *_wrapper_cases("linearized.linearize", linearized.linearize),
     *_wrapper_cases("linearized.Linearized", linearized.Linearized),
+    *_forward_cases("linearized.linearize", linearized.linearize),
     *_wrapper_cases("linearized.centered", linearized.centered),
     *_wrapper_cases("linearized.Centered", linearized.Centered),
+    *_forward_cases("linearized.centered", linearized.centered),
     *_wrapper_cases("linearized.scaled", lambda m: linearized.scaled(m, 2.0)),
     Bad("linearized.scaled", "alpha 0", lambda: linearized.scaled(_net(), 0.0), ValueError, "alpha"),
     Bad("linearized.scaled", "alpha inf", lambda: linearized.scaled(_net(), INF), ValueError, "alpha"),
