@@ -1,9 +1,9 @@
 """Argument checks shared by ntkbook's modules.
 
 Each check refuses a bad value with a :class:`TypeError` (wrong kind) or :class:`ValueError` (wrong
-value) whose message names the argument and says what was expected, and returns the value as the
-type the caller computes with. This module imports nothing of ntkbook's own, so that every module
-can use it.
+value) whose message names the argument and says what was expected; the number checks return the
+value as the plain ``int`` or ``float`` the caller computes with. This module imports nothing of
+ntkbook's own, so that every module can use it.
 """
 
 from __future__ import annotations

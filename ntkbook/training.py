@@ -1,7 +1,6 @@
 """Full-batch gradient descent with a record of the loss, the parameters' travel and the NTK.
 
-:func:`train` minimises one loss, which :mod:`ntkbook.linearized` predicts in closed form for the
-linearised model. For a model :math:`f(\\cdot;\\theta)` with ``n`` training pairs
+:func:`train` minimises one loss. For a model :math:`f(\\cdot;\\theta)` with ``n`` training pairs
 :math:`(x_i, y_i)` and a scale :math:`\\alpha > 0`,
 
 .. math::
