@@ -489,8 +489,8 @@ def test_structured_takes_no_parameter_gradients_and_leaves_no_hooks() -> None:
 @pytest.mark.parametrize(("options", "error", "match"), [
     ({"mode": "sum"}, ValueError, "mode must be one of"),
     ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
-    ({"chunk_size": 2.0}, TypeError, "chunk_size must be a positive int or None, got float"),
-    ({"chunk_size": True}, TypeError, "chunk_size must be a positive int or None, got bool"),
+    ({"chunk_size": 2.0}, TypeError, "chunk_size must be a positive int, got float"),
+    ({"chunk_size": True}, TypeError, "chunk_size must be a positive int, got bool"),
 ])
 def test_bad_options_get_clear_errors(options: dict, error: type, match: str) -> None:
     model = TwoLayerNet(3, 4, 1, generator=torch.Generator().manual_seed(0))

@@ -81,9 +81,12 @@ Feature = PerInputGradients | DenseFactors
 Features = dict[object, Feature]
 
 
-def gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
-    """Contract ``a`` (n1, k, p) with ``b`` (n2, k, p) over ``p``: (n1, n2, k, k) in full mode,
-    (n1, n2) summed over outputs in trace mode, (n1, n2, k) per output in diagonal mode."""
+# Contractions longer than this are summed as a tree of partial Grams: a BLAS adds the partial sums of
+# a long dot product one after another, which in float32 loses about 1e-3 over 4 million products.
+GRAM_CHUNK = 4096
+
+
+def _gram_once(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     n1, k, p = a.shape
     n2 = b.shape[0]
     if mode == "full":
@@ -91,6 +94,17 @@ def gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "trace":
         return a.reshape(n1, k * p) @ b.reshape(n2, k * p).T
     return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0)).permute(1, 2, 0)
+
+
+def gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
+    """Contract ``a`` (n1, k, p) with ``b`` (n2, k, p) over ``p``: (n1, n2, k, k) in full mode,
+    (n1, n2) summed over outputs in trace mode, (n1, n2, k) per output in diagonal mode. Over more
+    than ``GRAM_CHUNK`` entries, pairwise: the rounding then grows with the logarithm of ``p``."""
+    p = a.shape[2]
+    if p <= GRAM_CHUNK:
+        return _gram_once(a, b, mode)
+    half = -(-p // (2 * GRAM_CHUNK)) * GRAM_CHUNK  # a multiple of the chunk, so the leaves stay full
+    return gram(a[:, :, :half], b[:, :, :half], mode).add_(gram(a[:, :, half:], b[:, :, half:], mode))
 
 
 def _pair(e1: Feature, e2: Feature, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -19,4 +19,6 @@ def loop_features(request: Request, name: str, x: torch.Tensor) -> Features:
         for i in range(n)
         for a in range(k)
     ]
-    return {"parameters": PerInputGradients(torch.stack(rows).reshape(n, k, -1))}
+    # One feature per parameter tensor, as for "jacobian": each Gram sums over one tensor's entries only.
+    parts = torch.stack(rows).split([p.numel() for p in request.params], dim=1)
+    return {i: PerInputGradients(part.reshape(n, k, -1)) for i, part in enumerate(parts)}

@@ -3,11 +3,12 @@ the two batches and the options, all checked once on entry."""
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ntkbook._checks import positive_int
 
 METHODS = ("auto", "loop", "jacobian", "implicit", "structured")
 MODES = ("full", "trace", "diagonal")
@@ -86,13 +87,7 @@ def check_options(method: object, mode: object, chunk_size: object) -> int | Non
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__} {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-    return int(chunk_size)
+    return None if chunk_size is None else positive_int("chunk_size", chunk_size)
 
 
 def refuse_random_or_batch_layers(model: nn.Module) -> None:

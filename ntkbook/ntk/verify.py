@@ -57,6 +57,7 @@ import math
 import torch
 
 from ntkbook.ntk.blocks import ranges
+from ntkbook.ntk.features import GRAM_CHUNK
 from ntkbook.ntk.grads import flat_gradient
 from ntkbook.ntk.request import Request, apply
 
@@ -64,7 +65,7 @@ PROBE_SEED = 2018
 PROBE_PAIRS = 2
 ALL_ROWS = 64
 ROW_FRACTION = 8
-TOLERANCE_FACTOR = 32
+TOLERANCE_FACTOR = 8
 
 
 class VerificationError(ValueError):
@@ -182,9 +183,20 @@ class Verifier:
                     "NTK changes from call to call; call model.eval() or make it deterministic"
                 )
 
+    def summation_length(self, rows: int) -> int:
+        """How many products the longest chain of sums behind one checked number adds up: the backward
+        pass sums over each layer's width in turn (the sum over parameters of their largest dimension),
+        over the probed rows, and a kernel entry over at most ``GRAM_CHUNK`` entries of a parameter
+        tensor before the pairwise tree (times ``k`` in trace mode, which also sums over outputs)."""
+        params = self.request.params
+        length = sum(max(p.shape) if p.ndim else 1 for p in params) + rows
+        length += min(max(p.numel() for p in params), GRAM_CHUNK)
+        return length * (self.request.k if self.request.mode == "trace" else 1)
+
     def check(self, kernel: torch.Tensor, method: str) -> None:
         """Raise :class:`VerificationError` if ``kernel`` fails the identity on any probe pair."""
         rows1, probes1, grads1, rows2, probes2, grads2 = self.sides()
+        rho = TOLERANCE_FACTOR * self.roundoff * math.sqrt(self.summation_length(max(len(rows1), len(rows2))))
         block = kernel[rows1.to(kernel.device)][:, rows2.to(kernel.device)].double().cpu()
         full = block.ndim == 4 or (block.ndim == 2 and self.request.k == 1)
         if block.ndim == 2 and self.request.k == 1:
@@ -195,14 +207,14 @@ class Verifier:
             grad_scale = grads1.norm(dim=(1, 2))[:, None] * grads2.norm(dim=(1, 2))[None, :]
             probe_scale = probes1.norm(dim=(1, 2))[:, None] * probes2.norm(dim=(1, 2))[None, :]
             rms = block.pow(2).mean().sqrt()
-            tau = (self.roundoff * TOLERANCE_FACTOR * (grad_scale + probe_scale * rms))[..., None]
+            tau = (rho * (grad_scale + probe_scale * rms))[..., None]
         elif block.ndim == 3:  # diagonal: one identity per output
             lhs = torch.einsum("aio,ijo,bjo->abo", probes1, block, probes2)
             rhs = torch.einsum("aop,bop->abo", grads1, grads2)
             grad_scale = grads1.norm(dim=2)[:, None] * grads2.norm(dim=2)[None, :]
             probe_scale = probes1.norm(dim=1)[:, None] * probes2.norm(dim=1)[None, :]
             rms = block.pow(2).mean(dim=(0, 1)).sqrt()
-            tau = self.roundoff * TOLERANCE_FACTOR * (grad_scale + probe_scale * rms)
+            tau = rho * (grad_scale + probe_scale * rms)
         else:  # trace: the outputs' identities summed
             u, v = probes1[:, :, 0], probes2[:, :, 0]
             lhs = (u @ block @ v.T)[..., None]
@@ -210,7 +222,7 @@ class Verifier:
             grad_scale = (grads1.norm(dim=2)[:, None] * grads2.norm(dim=2)[None, :]).sum(-1)
             probe_scale = u.norm(dim=1)[:, None] * v.norm(dim=1)[None, :]
             rms = block.pow(2).mean().sqrt()
-            tau = (self.roundoff * TOLERANCE_FACTOR * (grad_scale + probe_scale * rms))[..., None]
+            tau = (rho * (grad_scale + probe_scale * rms))[..., None]
         ratio = float(((lhs - rhs).abs() / tau.clamp_min(torch.finfo(torch.float64).tiny)).max())
         self.last_ratio = ratio
         if not ratio <= 1.0:
