@@ -32,12 +32,14 @@ from ntkbook.ntk.budget import available_memory
 
 INPUT_DIM = 20
 FLOOR = "fwd+bwd"
+# A method name with this suffix is timed with verify=False: the cost of the verification is the difference.
+UNVERIFIED = "-unverified"
 
 
-def build_case(width: int, n: int, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The benchmark's model ``20 -> width -> width -> 1`` and its ``(n, 20)`` inputs, seeded, float32."""
+def build_case(width: int, n: int, device: torch.device, outputs: int = 1) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The benchmark's model ``20 -> width -> width -> outputs`` and its ``(n, 20)`` inputs, seeded, float32."""
     n = positive_int("n", n)
-    model = mlp(INPUT_DIM, width, 2, generator=torch.Generator().manual_seed(0)).to(device)
+    model = mlp(INPUT_DIM, width, 2, outputs, generator=torch.Generator().manual_seed(0)).to(device)
     x = torch.randn(n, INPUT_DIM, generator=torch.Generator().manual_seed(1)).to(device)
     return model, x
 
@@ -47,10 +49,16 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def run_case(method: str, width: int, n: int, device: torch.device, repeats: int) -> dict[str, object]:
-    """Time one method (or the floor, ``"fwd+bwd"``) in this process; returns a row of the table."""
+def run_case(
+    method: str, width: int, n: int, device: torch.device, repeats: int, outputs: int = 1, mode: str = "full"
+) -> dict[str, object]:
+    """Time one method (or the floor, ``"fwd+bwd"``; a method ending in ``"-unverified"`` with
+    ``verify=False``) in this process; returns a row of the table."""
     repeats = positive_int("repeats", repeats)
-    model, x = build_case(width, n, device)
+    name, verify = (method.removesuffix(UNVERIFIED), False) if method.endswith(UNVERIFIED) else (method, True)
+    if method != FLOOR and name not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, optionally with {UNVERIFIED!r}, or {FLOOR!r}; got {method!r}")
+    model, x = build_case(width, n, device, outputs)
 
     def call() -> None:
         if method == FLOOR:
@@ -58,7 +66,7 @@ def run_case(method: str, width: int, n: int, device: torch.device, repeats: int
                 p.grad = None
             model(x).sum().backward()
         else:
-            empirical_ntk(model, x, method=method)
+            empirical_ntk(model, x, method=name, mode=mode, verify=verify)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -81,6 +89,8 @@ def run_case(method: str, width: int, n: int, device: torch.device, repeats: int
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     return {
         "method": method,
+        "outputs": outputs,
+        "mode": mode,
         "width": width,
         "n": n,
         "device": str(device),
@@ -93,10 +103,12 @@ def run_case(method: str, width: int, n: int, device: torch.device, repeats: int
     }
 
 
-def _measure(method: str, width: int, n: int, device: str, repeats: int, threads: int | None) -> dict[str, object]:
+def _measure(
+    method: str, width: int, n: int, device: str, repeats: int, threads: int | None, outputs: int, mode: str
+) -> dict[str, object]:
     """Run :func:`run_case` in a fresh interpreter, so its peak memory is its own."""
     command = [sys.executable, "-m", "ntkbook.benchmark", "--case", method, "--widths", str(width), "--n", str(n),
-               "--device", device, "--repeats", str(repeats)]
+               "--device", device, "--repeats", str(repeats), "--outputs", str(outputs), "--mode", mode]
     if threads is not None:
         command += ["--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -107,7 +119,14 @@ def _measure(method: str, width: int, n: int, device: str, repeats: int, threads
 
 
 def benchmark(
-    widths: list[int], n: int, methods: list[str], device: str, repeats: int, threads: int | None = None
+    widths: list[int],
+    n: int,
+    methods: list[str],
+    device: str,
+    repeats: int,
+    threads: int | None = None,
+    outputs: int = 1,
+    mode: str = "full",
 ) -> list[dict[str, object]]:
     """One row per (method, width), plus the floor, with speed-ups over ``"jacobian"`` and ratios to the floor."""
     if not widths:
@@ -115,15 +134,15 @@ def benchmark(
     rows = []
     free = available_memory(torch.device(device))
     for width in widths:
-        model, x = build_case(width, n, torch.device(device))
-        group = [_measure(FLOOR, width, n, device, repeats, threads)]
+        model, x = build_case(width, n, torch.device(device), outputs)
+        group = [_measure(FLOOR, width, n, device, repeats, threads, outputs, mode)]
         for method in methods:
-            needed = memory_estimate(model, x, method=method)
+            needed = memory_estimate(model, x, method=method.removesuffix(UNVERIFIED), mode=mode)
             if needed > free:
                 group.append({"method": method, "width": width, "n": n, "device": device,
                               "does_not_fit": f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"})
             else:
-                group.append(_measure(method, width, n, device, repeats, threads))
+                group.append(_measure(method, width, n, device, repeats, threads, outputs, mode))
         floor = group[0].get("median_s")
         jacobian = next((r.get("median_s") for r in group if r["method"] == "jacobian"), None)
         for row in group:
@@ -160,8 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ntkbook.benchmark", description="Time and peak memory of each empirical_ntk method against one forward + backward pass.")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096], help="hidden widths w")
     parser.add_argument("--n", type=int, default=256, help="number of inputs (default 256)")
-    parser.add_argument("--methods", nargs="+", default=["jacobian", "implicit", "structured"],
-                        choices=[m for m in METHODS if m != "auto"], help="methods to time")
+    named = [m for m in METHODS if m != "auto"]
+    parser.add_argument("--methods", nargs="+", default=["jacobian", "implicit", "structured", "structured" + UNVERIFIED],
+                        choices=named + [m + UNVERIFIED for m in named], help="methods to time")
+    parser.add_argument("--outputs", type=int, default=1, help="outputs of the model (default 1)")
+    parser.add_argument("--mode", default="full", choices=["full", "trace", "diagonal"], help="kernel mode")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per case after one warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every case")
@@ -173,9 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.case is not None:
-        print(json.dumps(run_case(args.case, args.widths[0], args.n, torch.device(args.device), args.repeats)))
+        row = run_case(args.case, args.widths[0], args.n, torch.device(args.device), args.repeats, args.outputs, args.mode)
+        print(json.dumps(row))
         return
-    rows = benchmark(args.widths, args.n, args.methods, args.device, args.repeats, args.threads)
+    rows = benchmark(args.widths, args.n, args.methods, args.device, args.repeats, args.threads, args.outputs, args.mode)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
 
 

@@ -22,7 +22,7 @@ The methods differ only in how they avoid paying for that product (Novak, Sohl-D
   pass, one backward pass per output to the layer *outputs*, then Gram matrices of size
   :math:`n_1 \\times n_2`. Other layers get per-input gradients of their own parameters.
 
-Whatever the method, the kernel is verified before it is returned (:mod:`ntkbook.ntk.verify`).
+Whatever the method, the kernel is verified before it is returned (``ntkbook.ntk.verify``, below).
 
 Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`); the methods, modes and chunking in chapter 2
 (:doc:`/chapters/02_torch_func`).

@@ -1,0 +1,439 @@
+"""empirical_ntk is never silently wrong: the issue's cases against a per-input autograd oracle in
+float64, the verification catching perturbed kernels and never tripping on correct ones, exact symmetry,
+and a bounded number of forward passes."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ntkbook import empirical_ntk, mlp
+from ntkbook.ntk import METHODS, MODES, VerificationError
+from ntkbook.ntk import verify as verification
+from ntkbook.ntk.request import make_request
+from ntkbook.ntk.verify import Verifier
+
+F64 = torch.float64
+
+
+def oracle(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
+    """Θ (n1, n2, k, k) by one backward pass per input and output, each input run alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def jacobian(x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in range(x.shape[0]):
+            out = model(x[i : i + 1]).reshape(-1)
+            for a in range(out.numel()):
+                grads = torch.autograd.grad(out[a], params, retain_graph=True, allow_unused=True)
+                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
+                                       for g, p in zip(grads, params)]))
+        return torch.stack(rows).reshape(x.shape[0], -1, sum(p.numel() for p in params))
+
+    j1 = jacobian(x1)
+    j2 = j1 if x2 is None else jacobian(x2)
+    return torch.einsum("iap,jbp->ijab", j1, j2)
+
+
+def as_full(kernel: torch.Tensor) -> torch.Tensor:
+    return kernel[:, :, None, None] if kernel.ndim == 2 else kernel
+
+
+def rel(kernel: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((as_full(kernel) - reference).norm() / reference.norm())
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Sorted(nn.Module):
+    """A hidden layer sees the batch sorted by its first feature, then unsorted: each output still
+    depends on its own input alone, but the layer's rows are not the inputs' rows."""
+
+    def __init__(self, d: int = 3) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(d, 6), nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        order = x[:, -1].argsort()
+        h = torch.tanh(self.inner(x[order]))
+        return self.out(h[order.argsort()])
+
+
+class Branches(nn.Module):
+    """Batches go one of two ways by their width: x1 and x2 reach different layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.narrow, self.wide, self.shared = nn.Linear(3, 5), nn.Linear(4, 7), nn.Linear(1, 1)
+        self.head3, self.head4 = nn.Linear(5, 1), nn.Linear(7, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 3:
+            return self.shared(self.head3(torch.tanh(self.narrow(x))))
+        return self.shared(self.head4(torch.tanh(self.wide(x))))
+
+
+class ListHeld(nn.Module):
+    """A layer's weight reached through a plain Python list, which functional_call cannot substitute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(3, 4), nn.Linear(4, 1)
+        self.held = [self.inner.weight]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(x @ self.held[0].T + self.inner.bias))
+
+
+class PartialHeld(nn.Module):
+    """A parameter bound into a functools.partial at construction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, generator=gen(5)))
+        self.out = nn.Linear(4, 1)
+        self.first = functools.partial(F.linear, weight=self.w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.first(x)))
+
+
+class Symmetric(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return (w + w.T) / 2
+
+
+class CachedParametrization(nn.Module):
+    """A parametrized weight used inside parametrize.cached(), which computes it once per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(3, 3), nn.Linear(3, 1)
+        parametrize.register_parametrization(self.inner, "weight", Symmetric())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with parametrize.cached():
+            return self.out(torch.tanh(self.inner(x)))
+
+
+class Tokens(nn.Module):
+    """Token ids through an embedding, mean-pooled."""
+
+    def __init__(self, sparse: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4, sparse=sparse)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.embed(ids)).mean(1))
+
+
+class NoBatchingRule(torch.autograd.Function):
+    """A custom function without a vmap rule: torch.func cannot differentiate through it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        return g * (1 - x.tanh() ** 2)
+
+
+class CustomFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(NoBatchingRule.apply(self.inner(x)))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.inner, self.out, self.reentrant = nn.Linear(3, 4), nn.Linear(4, 1), reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.inner(t)), x, use_reentrant=self.reentrant)
+        return self.out(h)
+
+
+def _double(model: nn.Module) -> nn.Module:
+    return model.double()
+
+
+def _x(n: int = 6, d: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, d, generator=gen(seed), dtype=F64)
+
+
+def _seeded(factory):  # noqa: ANN001, ANN202
+    def build() -> nn.Module:
+        torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+        return factory().double()
+    return build
+
+
+def _sorted_with_timestamp() -> tuple[nn.Module, torch.Tensor, None]:
+    x = _x(8, 3)
+    x[:, -1] = 1.7e9 + torch.arange(8, dtype=F64).flip(0) * 3600  # raw timestamps, reversed
+    x[0, -1] = 1.6e9  # the first input stays first after the sort
+    return _seeded(Sorted)(), x, None
+
+
+def _sorted_first_stays() -> tuple[nn.Module, torch.Tensor, None]:
+    x = _x(8, 3)
+    x[0, -1] = -10.0
+    return _seeded(Sorted)(), x, None
+
+
+CONTRACT_CASES = {
+    "sorted batch, first input stays first": _sorted_first_stays,
+    "sorted by a timestamp column": _sorted_with_timestamp,
+    "x1 and x2 take different branches": lambda: (_seeded(Branches)(), _x(5, 3), _x(4, 3, 2)),
+    "parameter in a Python list": lambda: (_seeded(ListHeld)(), _x(), None),
+    "parameter in a functools.partial": lambda: (_seeded(PartialHeld)(), _x(), None),
+    "parametrize.cached()": lambda: (_seeded(CachedParametrization)(), _x(), None),
+    "token ids into an embedding": lambda: (_seeded(Tokens)(), torch.randint(11, (5, 4), generator=gen(3)), None),
+    "sparse embedding": lambda: (_seeded(lambda: Tokens(sparse=True))(), torch.randint(11, (5, 4), generator=gen(3)), None),
+    "custom autograd.Function without vmap": lambda: (_seeded(CustomFunction)(), _x(), None),
+    "reentrant checkpoint": lambda: (_seeded(lambda: Checkpointed(True))(), _x(), None),
+    "non-reentrant checkpoint": lambda: (_seeded(lambda: Checkpointed(False))(), _x(), None),
+}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("case", CONTRACT_CASES, ids=str)
+def test_models_within_the_contract_get_the_right_kernel(case: str) -> None:
+    model, x1, x2 = CONTRACT_CASES[case]()
+    reference = oracle(model, x1, x2)
+    assert rel(empirical_ntk(model, x1, x2), reference) < 1e-10
+    for method in METHODS[1:]:
+        try:
+            kernel = empirical_ntk(model, x1, x2, method=method)
+        except ValueError as err:  # a clear refusal (VerificationError, NotStructuredError) is allowed
+            assert "method" in str(err) or "module" in str(err), err
+            continue
+        assert rel(kernel, reference) < 1e-10, method
+
+
+def test_branching_by_width_pairs_layers_by_name() -> None:
+    torch.manual_seed(0)
+    model = Branches().double()
+    x1, x2 = _x(5, 3), _x(4, 4, 2)
+    reference = oracle(model, x1, x2)
+    for method in ("auto", "structured", "loop"):
+        assert rel(empirical_ntk(model, x1, x2, method=method), reference) < 1e-10
+
+
+def test_inputs_attached_to_a_graph_are_detached() -> None:
+    model = mlp(3, 8, 2, generator=gen(0)).double()
+    weight = torch.randn(3, 3, dtype=F64, requires_grad=True)
+    x = _x() @ weight  # a rollout state: a function of a tensor that requires grad
+    reference = oracle(model, x.detach())
+    for method in METHODS:
+        assert rel(empirical_ntk(model, x, method=method), reference) < 1e-10, method
+        assert rel(empirical_ntk(model, _x().requires_grad_(), method=method), oracle(model, _x())) < 1e-10
+
+
+def _mean_centred(out: torch.Tensor) -> torch.Tensor:
+    return out - out.mean(0)
+
+
+class Mixing(nn.Module):
+    def __init__(self, mix) -> None:  # noqa: ANN001
+        super().__init__()
+        self.net, self.mix = nn.Linear(3, 2), mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.net(x))
+
+
+class Noisy(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.net = nn.Linear(3, 4)
+        self.rrelu = nn.RReLU()
+        self.lstm = nn.LSTM(4, 4, num_layers=2, dropout=0.5, batch_first=True)
+        self.attention = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net(x)
+        if self.kind == "rrelu":
+            h = self.rrelu(h)
+        elif self.kind == "F.dropout":
+            h = F.dropout(h, 0.5, training=True)
+        elif self.kind == "noise":
+            h = h + 0.1 * torch.randn_like(h)
+        elif self.kind == "lstm":
+            h = self.lstm(h[:, None, :])[0][:, 0]
+        else:
+            h = self.attention(h[:, None], h[:, None], h[:, None])[0][:, 0]
+        return self.out(h)
+
+
+@pytest.mark.parametrize("mix", [_mean_centred, lambda out: out.softmax(0), lambda out: out.cumsum(0)],
+                         ids=["minus the batch mean", "softmax over inputs", "cumsum over inputs"])
+@pytest.mark.parametrize("method", METHODS)
+def test_outputs_mixed_across_the_batch_are_refused(mix, method: str) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="depend on that input alone"):
+        empirical_ntk(Mixing(mix).double(), _x(), method=method)
+
+
+@pytest.mark.parametrize("kind", ["rrelu", "F.dropout", "noise", "lstm", "attention"])
+def test_random_models_are_refused(kind: str) -> None:
+    torch.manual_seed(0)
+    model = Noisy(kind).double().train()
+    with pytest.raises(ValueError, match="random|depend on that input alone"):
+        empirical_ntk(model, _x())
+
+
+@pytest.mark.parametrize(("x1", "x2", "error", "match"), [
+    (_x(), _x()[None], ValueError, "x2"),
+    (_x().to_sparse(), None, TypeError, "x1 must be a dense"),
+    (torch.nested.nested_tensor([_x(2), _x(3)]), None, TypeError, "x1 must be a dense"),
+])
+def test_unusual_inputs_get_clear_errors(x1: torch.Tensor, x2: torch.Tensor | None, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        empirical_ntk(mlp(3, 4, 1, generator=gen(0)).double(), x1, x2)
+
+
+def test_a_model_with_zero_outputs_is_refused() -> None:
+    model = nn.Linear(3, 0).double()
+    with pytest.raises(ValueError, match="0 outputs per input"):
+        empirical_ntk(model, _x())
+
+
+# --- the verification itself -----------------------------------------------------------------------
+
+
+def random_model(seed: int, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, int]:
+    g = gen(seed)
+    width = int(torch.randint(4, 96, (1,), generator=g))
+    depth = int(torch.randint(1, 4, (1,), generator=g))
+    k = int(torch.randint(1, 4, (1,), generator=g))
+    activation = ("relu", "tanh")[seed % 2]
+    model = mlp(5, width, depth, k, bias_std=0.5 * (seed % 3 == 0), activation=activation, generator=g)
+    return model.to(dtype), torch.randn(12, 5, generator=g).to(dtype), k
+
+
+def test_rounding_never_trips_the_check_on_correct_float32_kernels() -> None:
+    worst = 0.0
+    for seed in range(300):
+        model, x, _ = random_model(seed, torch.float32)
+        mode = MODES[seed % 3]
+        request = make_request(model, x, None if seed % 4 else x[:5] * 1.5, "auto", mode, None)
+        verifier = Verifier(request)
+        from ntkbook.ntk.auto import run_method
+        for method in ("structured", "loop"):
+            verifier.check(run_method(request, method, None), method)
+            worst = max(worst, verifier.last_ratio)
+    print(f"largest discrepancy over 600 correct float32 kernels: {worst:.3f} of the tolerance")
+    assert worst < 0.5
+
+
+@pytest.mark.parametrize("perturbation", ["drop a layer's share", "swap two rows", "scale a block by 1.01"])
+def test_perturbed_kernels_are_caught(perturbation: str) -> None:
+    from ntkbook.ntk.auto import run_method
+    from ntkbook.ntk.features import contract
+    from ntkbook.ntk.structured import layers, structured_features
+
+    caught = 0
+    for seed in range(40):
+        model, x, _ = random_model(seed, torch.float32)
+        request = make_request(model, x, None, "auto", "full", None)
+        kernel = as_full(run_method(request, "structured", None)).clone()
+        if perturbation == "drop a layer's share":
+            features = structured_features(model, layers(model), "x1", x)
+            last = list(features)[-1]
+            kernel = kernel - as_full(contract({last: features[last]}, {last: features[last]}, "full"))
+        elif perturbation == "swap two rows":
+            kernel[[2, 7]] = kernel[[7, 2]]
+        else:
+            kernel[:4, :4] *= 1.01
+        try:
+            Verifier(request).check(kernel.squeeze(-1).squeeze(-1) if request.k == 1 else kernel, "structured")
+        except VerificationError:
+            caught += 1
+    assert caught == 40
+
+
+def q(eps: float) -> float:
+    """P(|g h| <= eps) for independent standard normals, by quadrature."""
+    g = torch.linspace(1e-12, 14, 2_000_001, dtype=F64)
+    density = torch.exp(-g * g / 2) * math.sqrt(2 / math.pi)
+    return float(torch.trapezoid(density * torch.erf(eps / (g * math.sqrt(2))), g))
+
+
+def test_the_rank_one_error_is_the_least_favourable_and_the_stated_bounds_hold() -> None:
+    g = gen(0)
+    m = 200_000
+    eps = 0.03
+    for rank in (1, 2, 5, 20):
+        sigma = torch.rand(rank, generator=g, dtype=F64) + 0.1
+        sigma /= sigma.norm()
+        u, v = torch.randn(m, rank, generator=g, dtype=F64), torch.randn(m, rank, generator=g, dtype=F64)
+        miss = float(((u * v * sigma).sum(1).abs() <= eps).double().mean())
+        assert miss <= q(eps) + 4 * math.sqrt(q(eps) / m), rank
+    # The docstring's figures for the float32 benchmark MLP 20 -> 1024 -> 1024 -> 1 (n = 256).
+    from ntkbook.benchmark import build_case
+
+    model, x = build_case(1024, 256, torch.device("cpu"))
+    verifier = Verifier(make_request(model, x, None, "structured", "full", None))
+    length = verifier.summation_length(max(verification.ALL_ROWS, 256 // verification.ROW_FRACTION))
+    rho = verification.TOLERANCE_FACTOR * 2.0**-24 * math.sqrt(length)
+    assert length == 7200 and abs(rho - 1.01e-5) < 5e-8
+    for delta, bound in ((1e-3, 0.0125), (3e-3, 0.0022), (1e-2, 3e-4)):
+        assert q(4 * rho / delta) ** verification.PROBE_PAIRS < bound
+
+
+# --- exact symmetry ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [10, 70])
+@pytest.mark.parametrize("method", METHODS)
+def test_symmetric_kernels_are_exactly_symmetric(n: int, method: str) -> None:
+    model = mlp(4, 16, 2, 3, generator=gen(0))
+    x = torch.randn(n, 4, generator=gen(1))
+    for mode in MODES:
+        for chunk in (1, 3, n) if method in ("structured", "auto") or n == 10 else (n,):
+            kernel = empirical_ntk(model, x, method=method, mode=mode, chunk_size=chunk, verify=False)
+            if mode == "full":
+                assert torch.equal(kernel, kernel.permute(1, 0, 3, 2)), (mode, chunk)
+            elif mode == "diagonal":
+                assert torch.equal(kernel, kernel.transpose(0, 1)), (mode, chunk)
+            else:
+                assert torch.equal(kernel, kernel.T), (mode, chunk)
+
+
+def test_auto_runs_the_model_a_bounded_number_of_times() -> None:
+    class TiedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(3, 8, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.embed(x)) @ self.embed.weight[:, :1]
+
+    torch.manual_seed(0)
+    model = TiedHead()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(64, 3, generator=gen(1))
+    empirical_ntk(model, x)
+    # 1 output count, 1 verification batch, 4 single inputs, then structured (1), its budget (1)
+    # and jacobian (functional_call runs count too, 1).
+    assert len(calls) <= 10, len(calls)
