@@ -57,7 +57,9 @@ def run_case(
     repeats = positive_int("repeats", repeats)
     name, verify = (method.removesuffix(UNVERIFIED), False) if method.endswith(UNVERIFIED) else (method, True)
     if method != FLOOR and name not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, optionally with {UNVERIFIED!r}, or {FLOOR!r}; got {method!r}")
+        raise ValueError(
+            f"method must be one of {METHODS}, optionally with {UNVERIFIED!r}, or {FLOOR!r}; got {method!r}"
+        )
     model, x = build_case(width, n, device, outputs)
 
     def call() -> None:
@@ -107,14 +109,36 @@ def _measure(
     method: str, width: int, n: int, device: str, repeats: int, threads: int | None, outputs: int, mode: str
 ) -> dict[str, object]:
     """Run :func:`run_case` in a fresh interpreter, so its peak memory is its own."""
-    command = [sys.executable, "-m", "ntkbook.benchmark", "--case", method, "--widths", str(width), "--n", str(n),
-               "--device", device, "--repeats", str(repeats), "--outputs", str(outputs), "--mode", mode]
+    command = [
+        sys.executable,
+        "-m",
+        "ntkbook.benchmark",
+        "--case",
+        method,
+        "--widths",
+        str(width),
+        "--n",
+        str(n),
+        "--device",
+        device,
+        "--repeats",
+        str(repeats),
+        "--outputs",
+        str(outputs),
+        "--mode",
+        mode,
+    ]
     if threads is not None:
         command += ["--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        return {"method": method, "width": width, "n": n, "device": device,
-                "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+        return {
+            "method": method,
+            "width": width,
+            "n": n,
+            "device": device,
+            "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}",
+        }
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -139,8 +163,15 @@ def benchmark(
         for method in methods:
             needed = memory_estimate(model, x, method=method.removesuffix(UNVERIFIED), mode=mode)
             if needed > free:
-                group.append({"method": method, "width": width, "n": n, "device": device,
-                              "does_not_fit": f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"})
+                group.append(
+                    {
+                        "method": method,
+                        "width": width,
+                        "n": n,
+                        "device": device,
+                        "does_not_fit": f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free",
+                    }
+                )
             else:
                 group.append(_measure(method, width, n, device, repeats, threads, outputs, mode))
         floor = group[0].get("median_s")
@@ -157,8 +188,10 @@ def format_table(rows: list[dict[str, object]]) -> str:
     """The rows as a Markdown table."""
     if not all(isinstance(r, dict) and {"width", "method"} <= r.keys() for r in rows):
         raise ValueError("rows must be the dicts that benchmark() returns, each with a 'width' and a 'method'")
-    lines = ["| width | method | median ms | min-max ms | repeats | peak MiB | vs jacobian | x floor |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| width | method | median ms | min-max ms | repeats | peak MiB | vs jacobian | x floor |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if "median_s" not in r:
             reason = r.get("does_not_fit") or f"failed: {r.get('error')}"
@@ -176,12 +209,20 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: ``python -m ntkbook.benchmark --help``."""
-    parser = argparse.ArgumentParser(prog="python -m ntkbook.benchmark", description="Time and peak memory of each empirical_ntk method against one forward + backward pass.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ntkbook.benchmark",
+        description="Time and peak memory of each empirical_ntk method against one forward + backward pass.",
+    )
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096], help="hidden widths w")
     parser.add_argument("--n", type=int, default=256, help="number of inputs (default 256)")
     named = [m for m in METHODS if m != "auto"]
-    parser.add_argument("--methods", nargs="+", default=["jacobian", "implicit", "structured", "structured" + UNVERIFIED],
-                        choices=named + [m + UNVERIFIED for m in named], help="methods to time")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["jacobian", "implicit", "structured", "structured" + UNVERIFIED],
+        choices=named + [m + UNVERIFIED for m in named],
+        help="methods to time",
+    )
     parser.add_argument("--outputs", type=int, default=1, help="outputs of the model (default 1)")
     parser.add_argument("--mode", default="full", choices=["full", "trace", "diagonal"], help="kernel mode")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -195,10 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.case is not None:
-        row = run_case(args.case, args.widths[0], args.n, torch.device(args.device), args.repeats, args.outputs, args.mode)
+        row = run_case(
+            args.case, args.widths[0], args.n, torch.device(args.device), args.repeats, args.outputs, args.mode
+        )
         print(json.dumps(row))
         return
-    rows = benchmark(args.widths, args.n, args.methods, args.device, args.repeats, args.threads, args.outputs, args.mode)
+    rows = benchmark(
+        args.widths, args.n, args.methods, args.device, args.repeats, args.threads, args.outputs, args.mode
+    )
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
 
 

@@ -277,9 +277,7 @@ def mc_relu_ntk(
     total_sq = torch.zeros_like(gram)
     chunk = max(1, _MC_CHUNK_ELEMENTS // (x1.shape[0] + x2.shape[0]))
     for start in range(0, num_samples, chunk):
-        w = torch.randn(
-            min(chunk, num_samples - start), fan_in, generator=generator, dtype=x1.dtype, device=x1.device
-        )
+        w = torch.randn(min(chunk, num_samples - start), fan_in, generator=generator, dtype=x1.dtype, device=x1.device)
         pre1, pre2 = x1 @ w.T, x2 @ w.T
         act1, act2 = torch.relu(pre1), torch.relu(pre2)
         on1, on2 = (pre1 > 0).to(x1.dtype), (pre2 > 0).to(x1.dtype)

@@ -195,8 +195,10 @@ def _check_kernel(
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
     if reference is not None and (value.dtype != reference.dtype or value.device != reference.device):
-        raise TypeError(f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
-                        f"got ({value.dtype}, {value.device})")
+        raise TypeError(
+            f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
+            f"got ({value.dtype}, {value.device})"
+        )
     finite(name, value)
     if columns is None:
         _check_symmetric(name, value)
@@ -226,8 +228,10 @@ def _check_vector(name: str, value: object, length: int | None, reference: torch
         expected = "(n,)" if length is None else f"({length},) or ({length}, 1)"
         raise ValueError(f"{name} must have shape {expected} (one scalar output per input), got {tuple(value.shape)}")
     if value.dtype != reference.dtype or value.device != reference.device:
-        raise TypeError(f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
-                        f"got ({value.dtype}, {value.device})")
+        raise TypeError(
+            f"{name} must have the kernel's dtype and device ({reference.dtype}, {reference.device}), "
+            f"got ({value.dtype}, {value.device})"
+        )
     finite(name, value)
     return value.detach()
 
@@ -281,8 +285,10 @@ def ntk_predict(
     alpha = positive_float("alpha", alpha)
     single = isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
     step_list = [steps] if single else list(steps) if isinstance(steps, (list, tuple, range)) else None
-    if step_list is None or not step_list or any(
-        isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in step_list
+    if (
+        step_list is None
+        or not step_list
+        or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in step_list)
     ):
         raise ValueError(f"steps must be an int >= 0 or a non-empty sequence of them, got {steps!r}")
     if (kernel_test is None) != (f0_test is None):
@@ -297,7 +303,10 @@ def ntk_predict(
     if bool((decay.abs() > 1.0).any()):
         warnings.warn(
             f"lr={lr:g} exceeds the stable limit n*alpha**2/lambda_max = {n * alpha**2 / float(eigenvalues.max()):g}; "
-            "gradient descent on the linearised model diverges", RuntimeWarning, stacklevel=2)
+            "gradient descent on the linearised model diverges",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     t = torch.tensor([int(step) for step in step_list], dtype=kernel.dtype, device=kernel.device)[:, None]
     residual0 = vectors.T @ (f0 - y)
     train_out = y + (decay**t * residual0) @ vectors.T

@@ -114,9 +114,7 @@ def dense(
     and must keep their defaults.
     """
     if parameterization == "ntk":
-        return NTKLinear(
-            in_features, out_features, weight_std=weight_std, bias_std=bias_std, generator=generator
-        )
+        return NTKLinear(in_features, out_features, weight_std=weight_std, bias_std=bias_std, generator=generator)
     if parameterization != "standard":
         raise ValueError(f"parameterization must be 'ntk' or 'standard', got {parameterization!r}")
     if weight_std != 1.0 or bias_std != 0.0:
@@ -160,9 +158,7 @@ class TwoLayerNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_dims(input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim)
-        kwargs = dict(
-            parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator
-        )
+        kwargs = dict(parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator)
         self.hidden = dense(input_dim, hidden_dim, **kwargs)
         self.readout = dense(hidden_dim, output_dim, **kwargs)
 
@@ -192,9 +188,7 @@ class HadamardNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_dims(input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim)
-        kwargs = dict(
-            parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator
-        )
+        kwargs = dict(parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator)
         self.branch1 = dense(input_dim, hidden_dim, **kwargs)
         self.branch2 = dense(input_dim, hidden_dim, **kwargs)
         self.readout = dense(hidden_dim, output_dim, **kwargs)

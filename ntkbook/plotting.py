@@ -86,7 +86,9 @@ def _loglog_data(x: object, y: object) -> tuple[np.ndarray, np.ndarray]:
         xs = np.asarray(x, dtype=float)
         ys = np.asarray(y, dtype=float)
     except (TypeError, ValueError):
-        raise TypeError(f"x and y must be sequences of numbers, got {type(x).__name__} and {type(y).__name__}") from None
+        raise TypeError(
+            f"x and y must be sequences of numbers, got {type(x).__name__} and {type(y).__name__}"
+        ) from None
     if xs.shape != ys.shape or xs.ndim != 1 or xs.size < 2:
         raise ValueError(f"x and y must be 1-d with the same length >= 2, got shapes {xs.shape} and {ys.shape}")
     if not (np.isfinite(xs).all() and np.isfinite(ys).all()):

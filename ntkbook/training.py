@@ -151,8 +151,12 @@ def train(
         target = _targets_like(out, y)
         mse = ((out - target) ** 2).mean()
         if not torch.isfinite(mse):
-            history = History(torch.tensor(losses, dtype=torch.float64),
-                              torch.tensor(changes, dtype=torch.float64), initial_norm, kernels)
+            history = History(
+                torch.tensor(losses, dtype=torch.float64),
+                torch.tensor(changes, dtype=torch.float64),
+                initial_norm,
+                kernels,
+            )
             if bar is not None:
                 bar.close()
             raise DivergenceError(
@@ -178,8 +182,9 @@ def train(
             bar.update()
     if bar is not None:
         bar.close()
-    return History(torch.tensor(losses, dtype=torch.float64), torch.tensor(changes, dtype=torch.float64),
-                   initial_norm, kernels)
+    return History(
+        torch.tensor(losses, dtype=torch.float64), torch.tensor(changes, dtype=torch.float64), initial_norm, kernels
+    )
 
 
 def _bar_draws_cleanly() -> bool:

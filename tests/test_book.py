@@ -48,5 +48,8 @@ def test_author_year_labels_tell_apart_same_author_same_year(monkeypatch: pytest
         entry("Cl{\\'e}ment, Anne and Bach, Francis and Lee, Jaehoon", "2020"),
     ]
     assert list(AuthorYearLabelStyle().format_labels(entries)) == [
-        "Cho and Saul, 2009", "Yang, 2019a", "Yang, 2019b", "Clément et al., 2020"
+        "Cho and Saul, 2009",
+        "Yang, 2019a",
+        "Yang, 2019b",
+        "Clément et al., 2020",
     ]

@@ -15,7 +15,16 @@ from conftest import CHAPTERS, ROOT, chapter_sources, toc_files
 BOOTSTRAP_MARKER = "# Colab bootstrap: install ntkbook when it is not importable"
 # torch.* and numpy.random.* functions that draw random numbers.
 TORCH_RANDOM = {"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson"}
-TORCH_RANDOM_METHODS = {"normal_", "uniform_", "bernoulli_", "random_", "exponential_", "cauchy_", "geometric_", "log_normal_"}
+TORCH_RANDOM_METHODS = {
+    "normal_",
+    "uniform_",
+    "bernoulli_",
+    "random_",
+    "exponential_",
+    "cauchy_",
+    "geometric_",
+    "log_normal_",
+}
 
 
 def code_cells(path: Path) -> list[str]:

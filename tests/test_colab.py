@@ -128,7 +128,9 @@ def run_in_colab(colab_runtime: ColabRuntime, tmp_path_factory: pytest.TempPathF
         )
         error = None
         try:
-            client.execute(env=kernel_environment(colab_runtime.python, NTKBOOK_INSTALL=str(colab_runtime.ntkbook_source)))
+            client.execute(
+                env=kernel_environment(colab_runtime.python, NTKBOOK_INSTALL=str(colab_runtime.ntkbook_source))
+            )
         except Exception as exc:  # noqa: BLE001 (any failure of the chapter is the finding)
             error = f"{type(exc).__name__}: {exc}"
         finally:

@@ -35,7 +35,7 @@ def test_ntk_is_the_mean_of_finite_width_ntks(stds: dict[str, float]) -> None:
     mean = kernels.mean(dim=0)
     standard_error = kernels.std(dim=0) / math.sqrt(kernels.shape[0])
     analytic = hadamard_ntk(x, x, **stds)
-    assert ((mean - analytic).abs() <= 5 * standard_error).all(), ((mean - analytic) / standard_error)
+    assert ((mean - analytic).abs() <= 5 * standard_error).all(), (mean - analytic) / standard_error
 
 
 @pytest.mark.parametrize("stds", [{}, {"weight_std": 0.8, "bias_std": 0.6}])
@@ -49,7 +49,7 @@ def test_nngp_is_the_output_covariance_over_initialisations(stds: dict[str, floa
     mean = products.mean(dim=0)
     standard_error = products.std(dim=0) / math.sqrt(products.shape[0])
     analytic = hadamard_nngp(x, x, **stds)
-    assert ((mean - analytic).abs() <= 5 * standard_error).all(), ((mean - analytic) / standard_error)
+    assert ((mean - analytic).abs() <= 5 * standard_error).all(), (mean - analytic) / standard_error
 
 
 def test_a_single_wide_network_converges_like_inverse_sqrt_width() -> None:
@@ -94,7 +94,9 @@ def test_relation_to_the_plain_relu_network(stds: tuple[float, float]) -> None:
     plain_ntk = relu_ntk(x1, x2, weight_std=weight_std, bias_std=bias_std)
     relu_cov = (plain_nngp - var_b) / var_w
     derivative_term = (plain_ntk - plain_nngp) / var_w
-    torch.testing.assert_close(hadamard_nngp(x1, x2, weight_std=weight_std, bias_std=bias_std), var_w * relu_cov**2 + var_b)
+    torch.testing.assert_close(
+        hadamard_nngp(x1, x2, weight_std=weight_std, bias_std=bias_std), var_w * relu_cov**2 + var_b
+    )
     torch.testing.assert_close(
         hadamard_ntk(x1, x2, weight_std=weight_std, bias_std=bias_std),
         var_w * relu_cov**2 + var_b + 2 * var_w * relu_cov * derivative_term,

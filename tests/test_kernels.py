@@ -42,7 +42,10 @@ def test_kappas_are_gaussian_expectations() -> None:
     phi = (torch.arange(200_000, dtype=torch.float64) + 0.5) * 2 * math.pi / 200_000
     w = torch.stack([torch.cos(phi), torch.sin(phi)], dim=1)
     for theta in [0.3, 1.7, 2.9]:
-        x, xp = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([math.cos(theta), math.sin(theta)], dtype=torch.float64)
+        x, xp = (
+            torch.tensor([1.0, 0.0], dtype=torch.float64),
+            torch.tensor([math.cos(theta), math.sin(theta)], dtype=torch.float64),
+        )
         both_on = ((w @ x > 0) & (w @ xp > 0)).double().mean()
         # E[r^2] = 2 for the radius of a 2-d standard normal.
         relu_prod = 2 * (torch.relu(w @ x) * torch.relu(w @ xp)).mean()
@@ -67,11 +70,14 @@ def test_kappas_take_cosines_rounded_in_many_dimensions_but_refuse_others() -> N
         kappa0(torch.tensor([0.5, 1.01], dtype=torch.float64))
 
 
-@pytest.mark.parametrize(("u", "error", "match"), [
-    ([0.5], TypeError, "u must be a torch.Tensor"),
-    (torch.tensor([1, 0]), TypeError, "u must have a floating dtype"),
-    (torch.tensor([float("nan")]), ValueError, "u contains NaN"),
-])
+@pytest.mark.parametrize(
+    ("u", "error", "match"),
+    [
+        ([0.5], TypeError, "u must be a torch.Tensor"),
+        (torch.tensor([1, 0]), TypeError, "u must have a floating dtype"),
+        (torch.tensor([float("nan")]), ValueError, "u contains NaN"),
+    ],
+)
 def test_kappas_reject_bad_input(u: object, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         kappa1(u)
@@ -192,8 +198,10 @@ def test_mc_matches_the_per_sample_formula() -> None:
     estimate, se = mc_relu_ntk(x1, x2, 50, generator=torch.Generator().manual_seed(13))
     w = torch.randn(50, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     pre1, pre2 = x1 @ w.T, x2 @ w.T
-    terms = (torch.relu(pre1)[:, None, :] * torch.relu(pre2)[None, :, :]
-             + (x1 @ x2.T)[:, :, None] * ((pre1 > 0)[:, None, :] & (pre2 > 0)[None, :, :])) / 4
+    terms = (
+        torch.relu(pre1)[:, None, :] * torch.relu(pre2)[None, :, :]
+        + (x1 @ x2.T)[:, :, None] * ((pre1 > 0)[:, None, :] & (pre2 > 0)[None, :, :])
+    ) / 4
     torch.testing.assert_close(estimate, terms.mean(dim=2))
     torch.testing.assert_close(se, terms.std(dim=2) / math.sqrt(50))
 
@@ -207,8 +215,10 @@ def test_mc_does_not_depend_on_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -
     gen = torch.Generator().manual_seed(15)
     w = torch.cat([torch.randn(1, 3, generator=gen, dtype=torch.float64) for _ in range(40)])
     pre = x @ w.T
-    terms = (torch.relu(pre)[:, None, :] * torch.relu(pre)[None, :, :]
-             + (x @ x.T)[:, :, None] * ((pre > 0)[:, None, :] & (pre > 0)[None, :, :])) / 3
+    terms = (
+        torch.relu(pre)[:, None, :] * torch.relu(pre)[None, :, :]
+        + (x @ x.T)[:, :, None] * ((pre > 0)[:, None, :] & (pre > 0)[None, :, :])
+    ) / 3
     torch.testing.assert_close(chunked[0], terms.mean(dim=2))
     torch.testing.assert_close(chunked[1], terms.std(dim=2) / math.sqrt(40))
 
@@ -256,18 +266,21 @@ def test_mc_is_reproducible_from_the_generator() -> None:
 GOOD = gaussian(4, 3, 21)
 
 
-@pytest.mark.parametrize(("x1", "x2", "error", "match"), [
-    (GOOD.numpy(), GOOD, TypeError, "x1 must be a torch.Tensor"),
-    (GOOD, [[1.0, 2.0, 3.0]], TypeError, "x2 must be a torch.Tensor"),
-    (GOOD.long(), GOOD, TypeError, "x1 must have a floating dtype"),
-    (GOOD[0], GOOD, ValueError, r"x1 must be a non-empty batch of shape \(n, d\)"),
-    (GOOD, GOOD[:0], ValueError, "x2 must be a non-empty batch"),
-    (GOOD, GOOD[:, :2], ValueError, "x2 must have the input dimension of x1"),
-    (GOOD, GOOD.float(), TypeError, "x2 has dtype torch.float32 but x1 has torch.float64"),
-    (GOOD, GOOD.to("meta"), ValueError, "x2 is on meta"),
-    (torch.full((2, 3), float("nan"), dtype=torch.float64), GOOD, ValueError, "x1 contains NaN"),
-    (GOOD, torch.full((2, 3), float("inf"), dtype=torch.float64), ValueError, "x2 contains NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    ("x1", "x2", "error", "match"),
+    [
+        (GOOD.numpy(), GOOD, TypeError, "x1 must be a torch.Tensor"),
+        (GOOD, [[1.0, 2.0, 3.0]], TypeError, "x2 must be a torch.Tensor"),
+        (GOOD.long(), GOOD, TypeError, "x1 must have a floating dtype"),
+        (GOOD[0], GOOD, ValueError, r"x1 must be a non-empty batch of shape \(n, d\)"),
+        (GOOD, GOOD[:0], ValueError, "x2 must be a non-empty batch"),
+        (GOOD, GOOD[:, :2], ValueError, "x2 must have the input dimension of x1"),
+        (GOOD, GOOD.float(), TypeError, "x2 has dtype torch.float32 but x1 has torch.float64"),
+        (GOOD, GOOD.to("meta"), ValueError, "x2 is on meta"),
+        (torch.full((2, 3), float("nan"), dtype=torch.float64), GOOD, ValueError, "x1 contains NaN"),
+        (GOOD, torch.full((2, 3), float("inf"), dtype=torch.float64), ValueError, "x2 contains NaN or infinite"),
+    ],
+)
 def test_bad_inputs_get_clear_errors(x1: object, x2: object, error: type, match: str) -> None:
     for function in (relu_nngp, relu_ntk):
         with pytest.raises(error, match=match):
@@ -276,25 +289,31 @@ def test_bad_inputs_get_clear_errors(x1: object, x2: object, error: type, match:
         mc_relu_ntk(x1, x2, 10)
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    (dict(depth=0), ValueError, "depth must be a positive int"),
-    (dict(depth=1.5), TypeError, "depth must be a positive int"),
-    (dict(weight_std=-1.0), ValueError, "weight_std must be a finite non-negative"),
-    (dict(bias_std=float("nan")), ValueError, "bias_std must be a finite non-negative"),
-    (dict(bias_std="0.1"), TypeError, "bias_std must be a non-negative float"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(depth=0), ValueError, "depth must be a positive int"),
+        (dict(depth=1.5), TypeError, "depth must be a positive int"),
+        (dict(weight_std=-1.0), ValueError, "weight_std must be a finite non-negative"),
+        (dict(bias_std=float("nan")), ValueError, "bias_std must be a finite non-negative"),
+        (dict(bias_std="0.1"), TypeError, "bias_std must be a non-negative float"),
+    ],
+)
 def test_bad_hyperparameters_get_clear_errors(kwargs: dict, error: type, match: str) -> None:
     for function in (relu_nngp, relu_ntk):
         with pytest.raises(error, match=match):
             function(GOOD, GOOD, **kwargs)
 
 
-@pytest.mark.parametrize(("num_samples", "kwargs", "error", "match"), [
-    (1, {}, ValueError, "num_samples must be >= 2"),
-    (10.0, {}, TypeError, "num_samples must be a positive int"),
-    (True, {}, TypeError, "num_samples must be a positive int"),
-    (10, dict(generator=0), TypeError, "generator must be a torch.Generator"),
-])
+@pytest.mark.parametrize(
+    ("num_samples", "kwargs", "error", "match"),
+    [
+        (1, {}, ValueError, "num_samples must be >= 2"),
+        (10.0, {}, TypeError, "num_samples must be a positive int"),
+        (True, {}, TypeError, "num_samples must be a positive int"),
+        (10, dict(generator=0), TypeError, "generator must be a torch.Generator"),
+    ],
+)
 def test_mc_bad_arguments_get_clear_errors(num_samples: object, kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         mc_relu_ntk(GOOD, GOOD, num_samples, **kwargs)

@@ -101,7 +101,10 @@ def test_symmetric_kernel_of_a_large_batch_matches_the_cross_kernel() -> None:
     x = torch.randn(70, 4, generator=gen, dtype=torch.float64)
     for method in ("jacobian", "structured"):
         torch.testing.assert_close(
-            empirical_ntk(model, x, method=method), empirical_ntk(model, x, x.clone(), method=method), rtol=1e-12, atol=1e-12
+            empirical_ntk(model, x, method=method),
+            empirical_ntk(model, x, x.clone(), method=method),
+            rtol=1e-12,
+            atol=1e-12,
         )
 
 
@@ -301,14 +304,20 @@ class FlippedBatch(nn.Module):
         return self.out(torch.tanh(self.inner(x.flip(0))).flip(0))
 
 
-@pytest.mark.parametrize(("model_class", "match"), [
-    (Shared, r"module 'inner' \(Linear\) is applied more than once"),
-    (TiedModules, r"modules 'first' and 'second' share a parameter"),
-    (RowsAcrossInputs, r"module 'inner' \(Linear\) takes or gives a tensor of shape \(15, 1\), not one row per "
-                       r"input for a batch of 5"),
-    (ConstantInput, r"module 'shift' \(Linear\) takes or gives a tensor of shape \(1, 1\)"),
-    (KeywordCall, r"module 'inner' \(Linear\) is called with keyword arguments \(input\)"),
-])
+@pytest.mark.parametrize(
+    ("model_class", "match"),
+    [
+        (Shared, r"module 'inner' \(Linear\) is applied more than once"),
+        (TiedModules, r"modules 'first' and 'second' share a parameter"),
+        (
+            RowsAcrossInputs,
+            r"module 'inner' \(Linear\) takes or gives a tensor of shape \(15, 1\), not one row per "
+            r"input for a batch of 5",
+        ),
+        (ConstantInput, r"module 'shift' \(Linear\) takes or gives a tensor of shape \(1, 1\)"),
+        (KeywordCall, r"module 'inner' \(Linear\) is called with keyword arguments \(input\)"),
+    ],
+)
 def test_structured_names_the_module_it_cannot_handle_and_auto_falls_back(model_class: type, match: str) -> None:
     torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
     model = model_class().double()
@@ -320,9 +329,17 @@ def test_structured_names_the_module_it_cannot_handle_and_auto_falls_back(model_
     assert relative_error(empirical_ntk(model, x), reference) < 1e-10
 
 
-@pytest.mark.parametrize("model_class", [
-    RootTiedHead, ForwardBypass, TiedBehindPassThrough, FlippedBatch, Tied, PositionTable,
-])
+@pytest.mark.parametrize(
+    "model_class",
+    [
+        RootTiedHead,
+        ForwardBypass,
+        TiedBehindPassThrough,
+        FlippedBatch,
+        Tied,
+        PositionTable,
+    ],
+)
 def test_structured_kernels_that_break_the_factorisation_fail_verification(model_class: type) -> None:
     """Parameters used outside their layer, a layer that sees the batch reordered, a table whose first
     dimension equals the batch size: the factorisation is wrong, and the verification says so."""
@@ -450,9 +467,7 @@ def test_different_outputs_per_input_for_x1_and_x2_are_refused_by_every_method()
 def test_auto_falls_back_to_reverse_mode_where_forward_mode_is_missing() -> None:
     # weight_norm's fused kernel has no forward-mode derivative, which "implicit" needs.
     torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
-    model = nn.Sequential(
-        nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 2)
-    ).double()
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 2)).double()
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     reference = empirical_ntk(model, x, method="loop")
     assert relative_error(empirical_ntk(model, x), reference) < 1e-10
@@ -486,12 +501,15 @@ def test_structured_takes_no_parameter_gradients_and_leaves_no_hooks() -> None:
     assert not any(m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize(("options", "error", "match"), [
-    ({"mode": "sum"}, ValueError, "mode must be one of"),
-    ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
-    ({"chunk_size": 2.0}, TypeError, "chunk_size must be a positive int, got float"),
-    ({"chunk_size": True}, TypeError, "chunk_size must be a positive int, got bool"),
-])
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"mode": "sum"}, ValueError, "mode must be one of"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+        ({"chunk_size": 2.0}, TypeError, "chunk_size must be a positive int, got float"),
+        ({"chunk_size": True}, TypeError, "chunk_size must be a positive int, got bool"),
+    ],
+)
 def test_bad_options_get_clear_errors(options: dict, error: type, match: str) -> None:
     model = TwoLayerNet(3, 4, 1, generator=torch.Generator().manual_seed(0))
     with pytest.raises(error, match=match):

@@ -54,7 +54,9 @@ def test_chapter_ends_with_two_or_three_exercises_and_hidden_solutions(chapter: 
 
 def modules() -> list[str]:
     """``ntkbook`` and every module in it."""
-    return ["ntkbook"] + [f"ntkbook.{m.name}" for m in pkgutil.iter_modules(ntkbook.__path__) if not m.name.startswith("_")]
+    return ["ntkbook"] + [
+        f"ntkbook.{m.name}" for m in pkgutil.iter_modules(ntkbook.__path__) if not m.name.startswith("_")
+    ]
 
 
 def public_names(module_name: str) -> list[str]:

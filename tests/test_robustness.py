@@ -42,8 +42,9 @@ def batches(draw: st.DrawFn, max_n: int = 6, max_d: int = 5) -> tuple[torch.Tens
     d = draw(st.integers(1, max_d))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     x = torch.randn(n1 + n2, d, generator=gen, dtype=torch.float64)
-    scales = torch.tensor(draw(st.lists(st.sampled_from([0.0, 0.1, 1.0, 10.0]), min_size=n1 + n2, max_size=n1 + n2)),
-                          dtype=torch.float64)
+    scales = torch.tensor(
+        draw(st.lists(st.sampled_from([0.0, 0.1, 1.0, 10.0]), min_size=n1 + n2, max_size=n1 + n2)), dtype=torch.float64
+    )
     x = x * scales[:, None]
     return x[:n1], x[n1:]
 
@@ -111,8 +112,15 @@ def small_networks(draw: st.DrawFn) -> tuple[torch.nn.Module, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     if kind == "mlp":
         activation = draw(st.sampled_from(["relu", "tanh", "erf", "identity"]))
-        net = models.mlp(d, width, draw(st.integers(1, 3)), parameterization=parameterization,
-                         activation=activation, generator=gen, **options)
+        net = models.mlp(
+            d,
+            width,
+            draw(st.integers(1, 3)),
+            parameterization=parameterization,
+            activation=activation,
+            generator=gen,
+            **options,
+        )
     elif kind == "two-layer":
         net = models.TwoLayerNet(d, width, 1, parameterization=parameterization, generator=gen, **options)
     else:
@@ -158,7 +166,10 @@ def monte_carlo_one_layer(
     def unit() -> tuple[torch.Tensor, torch.Tensor]:
         w = torch.randn(samples, d, generator=gen, dtype=x1.dtype)
         b = torch.randn(samples, generator=gen, dtype=x1.dtype)
-        return (weight_std * x1 @ w.T / math.sqrt(d) + bias_std * b, weight_std * x2 @ w.T / math.sqrt(d) + bias_std * b)
+        return (
+            weight_std * x1 @ w.T / math.sqrt(d) + bias_std * b,
+            weight_std * x2 @ w.T / math.sqrt(d) + bias_std * b,
+        )
 
     h1, h1p = unit()
     relu, on = torch.relu, lambda h: (h > 0).to(h.dtype)
@@ -171,8 +182,10 @@ def monte_carlo_one_layer(
         a, ap = relu(h1) * relu(h2), relu(h1p) * relu(h2p)
         t = weight_std**2 * a[:, None, :] * ap[None, :, :] + bias_std**2
         if kind == "hadamard_ntk":
-            branch = (relu(h2)[:, None, :] * relu(h2p)[None, :, :] * on(h1)[:, None, :] * on(h1p)[None, :, :]
-                      + relu(h1)[:, None, :] * relu(h1p)[None, :, :] * on(h2)[:, None, :] * on(h2p)[None, :, :])
+            branch = (
+                relu(h2)[:, None, :] * relu(h2p)[None, :, :] * on(h1)[:, None, :] * on(h1p)[None, :, :]
+                + relu(h1)[:, None, :] * relu(h1p)[None, :, :] * on(h2)[:, None, :] * on(h2p)[None, :, :]
+            )
             t = t + weight_std**2 * k[:, :, None] * branch
     return t.mean(dim=2), t.std(dim=2) / math.sqrt(samples)
 
@@ -191,8 +204,10 @@ def test_analytic_kernels_equal_a_monte_carlo_average_of_their_definition(
     # sqrt(K(x,x) K(x',x')): near cosines of +-1, kappa0(u) = 1 - arccos(u)/pi has an infinite slope,
     # so a rounding error of 1e-16 in u moves it by sqrt(2e-16)/pi ~ 5e-9; 1e-7 covers that. It also
     # covers entries whose samples are all equal (zero inputs without bias), where the error is 0.
-    scale = torch.sqrt(ANALYTIC[name](x1, x1, weight_std, bias_std).diagonal()[:, None]
-                       * ANALYTIC[name](x2, x2, weight_std, bias_std).diagonal()[None, :])
+    scale = torch.sqrt(
+        ANALYTIC[name](x1, x1, weight_std, bias_std).diagonal()[:, None]
+        * ANALYTIC[name](x2, x2, weight_std, bias_std).diagonal()[None, :]
+    )
     gap = (estimate - exact).abs()
     assert bool((gap <= 6 * standard_error + 1e-7 * scale).all()), (
         f"{name}: analytic {exact.tolist()}\nMonte Carlo {estimate.tolist()} ± {standard_error.tolist()}"
@@ -245,7 +260,13 @@ def _ntk_cases(name: str, f: Callable[..., object], **kw: object) -> list[Bad]:
         Bad(name, "x1 is a list", lambda: f(_net(), [[0.0, 1.0, 2.0]], **kw), TypeError, "x1"),
         Bad(name, "x1 wrong trailing shape", lambda: f(_net(), _x(4, 5), **kw), ValueError, "x1"),
         # Integer inputs are accepted (token ids); a float model that cannot take them is named with x1.
-        Bad(name, "x1 integer, model float", lambda: f(_net(), torch.ones(4, 3, dtype=torch.int64), **kw), ValueError, "x1"),
+        Bad(
+            name,
+            "x1 integer, model float",
+            lambda: f(_net(), torch.ones(4, 3, dtype=torch.int64), **kw),
+            ValueError,
+            "x1",
+        ),
         Bad(name, "x1 complex", lambda: f(_net(), torch.ones(4, 3, dtype=torch.complex64), **kw), TypeError, "x1"),
         Bad(name, "x1 sparse", lambda: f(_net(), _x().to_sparse(), **kw), TypeError, "x1"),
         Bad(name, "x2 of another rank", lambda: f(_net(), _x(), _x()[None], **kw), ValueError, "x2"),
@@ -318,9 +339,21 @@ def _axes() -> object:
 
 BAD_INPUT: list[Bad] = [
     *_ntk_cases("ntk.empirical_ntk", ntk.empirical_ntk),
-    Bad("ntk.empirical_ntk", "unknown method", lambda: ntk.empirical_ntk(_net(), _x(), method="fast"), ValueError, "method"),
+    Bad(
+        "ntk.empirical_ntk",
+        "unknown method",
+        lambda: ntk.empirical_ntk(_net(), _x(), method="fast"),
+        ValueError,
+        "method",
+    ),
     *_ntk_cases("ntk.memory_estimate", ntk.memory_estimate, method="jacobian"),
-    Bad("ntk.memory_estimate", "method auto", lambda: ntk.memory_estimate(_net(), _x(), method="auto"), ValueError, "method"),
+    Bad(
+        "ntk.memory_estimate",
+        "method auto",
+        lambda: ntk.memory_estimate(_net(), _x(), method="auto"),
+        ValueError,
+        "method",
+    ),
     *_kappa_cases("kernels.kappa0", kernels.kappa0),
     *_kappa_cases("kernels.kappa1", kernels.kappa1),
     *_pair_cases("kernels.relu_nngp", kernels.relu_nngp),
@@ -331,19 +364,42 @@ BAD_INPUT: list[Bad] = [
     Bad("kernels.relu_ntk", "depth a float", lambda: kernels.relu_ntk(_x(), _x(), 1.5), TypeError, "depth"),
     *_pair_cases("kernels.mc_relu_ntk", lambda a, b: kernels.mc_relu_ntk(a, b, 10)),
     Bad("kernels.mc_relu_ntk", "num_samples 1", lambda: kernels.mc_relu_ntk(_x(), _x(), 1), ValueError, "num_samples"),
-    Bad("kernels.mc_relu_ntk", "num_samples a float", lambda: kernels.mc_relu_ntk(_x(), _x(), 1e4), TypeError, "num_samples"),
-    Bad("kernels.mc_relu_ntk", "generator is a seed", lambda: kernels.mc_relu_ntk(_x(), _x(), 10, generator=0), TypeError, "generator"),
+    Bad(
+        "kernels.mc_relu_ntk",
+        "num_samples a float",
+        lambda: kernels.mc_relu_ntk(_x(), _x(), 1e4),
+        TypeError,
+        "num_samples",
+    ),
+    Bad(
+        "kernels.mc_relu_ntk",
+        "generator is a seed",
+        lambda: kernels.mc_relu_ntk(_x(), _x(), 10, generator=0),
+        TypeError,
+        "generator",
+    ),
     *_pair_cases("kernels.hadamard_nngp", kernels.hadamard_nngp),
     *_std_cases("kernels.hadamard_nngp", kernels.hadamard_nngp),
     *_pair_cases("kernels.hadamard_ntk", kernels.hadamard_ntk),
     *_std_cases("kernels.hadamard_ntk", kernels.hadamard_ntk),
-    *_model_cases("models.NTKLinear", lambda a, b, parameterization="ntk", **kw: (
-        models.NTKLinear(a, b, **kw) if parameterization == "ntk" else models.dense(a, b, parameterization=parameterization)
-    ), "in_features"),
+    *_model_cases(
+        "models.NTKLinear",
+        lambda a, b, parameterization="ntk", **kw: (
+            models.NTKLinear(a, b, **kw)
+            if parameterization == "ntk"
+            else models.dense(a, b, parameterization=parameterization)
+        ),
+        "in_features",
+    ),
     Bad("models.NTKLinear", "out_features -1", lambda: models.NTKLinear(2, -1), ValueError, "out_features"),
     *_model_cases("models.dense", models.dense, "in_features"),
-    Bad("models.dense", "standard with weight_std", lambda: models.dense(2, 3, parameterization="standard", weight_std=2.0),
-        ValueError, "weight_std"),
+    Bad(
+        "models.dense",
+        "standard with weight_std",
+        lambda: models.dense(2, 3, parameterization="standard", weight_std=2.0),
+        ValueError,
+        "weight_std",
+    ),
     *_model_cases("models.TwoLayerNet", models.TwoLayerNet, "input_dim"),
     Bad("models.TwoLayerNet", "hidden_dim 0", lambda: models.TwoLayerNet(2, 0), ValueError, "hidden_dim"),
     *_model_cases("models.HadamardNet", models.HadamardNet, "input_dim"),
@@ -352,25 +408,76 @@ BAD_INPUT: list[Bad] = [
     Bad("models.mlp", "width 0", lambda: models.mlp(2, 0, 2), ValueError, "width"),
     Bad("models.mlp", "depth 0", lambda: models.mlp(2, 4, 0), ValueError, "depth"),
     Bad("models.mlp", "unknown activation", lambda: models.mlp(2, 4, 1, activation="gelu"), ValueError, "activation"),
-    Bad("plotting.plot_kernel", "kernel is a list", lambda: plotting.plot_kernel([[1.0]], ax=_axes()), TypeError, "kernel"),
-    Bad("plotting.plot_kernel", "kernel one-dimensional", lambda: plotting.plot_kernel(torch.ones(3), ax=_axes()), ValueError, "kernel"),
-    Bad("plotting.plot_kernel", "kernel empty", lambda: plotting.plot_kernel(torch.ones(0, 3), ax=_axes()), ValueError, "kernel"),
-    Bad("plotting.plot_kernel", "kernel NaN", lambda: plotting.plot_kernel(torch.tensor([[1.0, NAN]]), ax=_axes()), ValueError, "kernel"),
-    Bad("plotting.loglog_slope", "lengths differ", lambda: plotting.loglog_slope([1, 2, 3], [1, 2]), ValueError, "x and y"),
+    Bad(
+        "plotting.plot_kernel",
+        "kernel is a list",
+        lambda: plotting.plot_kernel([[1.0]], ax=_axes()),
+        TypeError,
+        "kernel",
+    ),
+    Bad(
+        "plotting.plot_kernel",
+        "kernel one-dimensional",
+        lambda: plotting.plot_kernel(torch.ones(3), ax=_axes()),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "plotting.plot_kernel",
+        "kernel empty",
+        lambda: plotting.plot_kernel(torch.ones(0, 3), ax=_axes()),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "plotting.plot_kernel",
+        "kernel NaN",
+        lambda: plotting.plot_kernel(torch.tensor([[1.0, NAN]]), ax=_axes()),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "plotting.loglog_slope",
+        "lengths differ",
+        lambda: plotting.loglog_slope([1, 2, 3], [1, 2]),
+        ValueError,
+        "x and y",
+    ),
     Bad("plotting.loglog_slope", "one point", lambda: plotting.loglog_slope([1], [1]), ValueError, "x and y"),
     Bad("plotting.loglog_slope", "a zero", lambda: plotting.loglog_slope([0, 1], [1, 2]), ValueError, "x and y"),
     Bad("plotting.loglog_slope", "NaN", lambda: plotting.loglog_slope([1, 2], [1, NAN]), ValueError, "x and y"),
     Bad("plotting.loglog_slope", "inf", lambda: plotting.loglog_slope([1, INF], [1, 2]), ValueError, "x and y"),
     Bad("plotting.loglog_slope", "strings", lambda: plotting.loglog_slope(["a", "b"], [1, 2]), TypeError, "x"),
-    Bad("plotting.add_reference_slope", "lengths differ", lambda: plotting.add_reference_slope(_axes(), [1, 2], [1], 1.0),
-        ValueError, "x and y"),
-    Bad("plotting.add_reference_slope", "negative x", lambda: plotting.add_reference_slope(_axes(), [-1, 2], [1, 2], 1.0),
-        ValueError, "x and y"),
-    Bad("plotting.add_reference_slope", "NaN slope", lambda: plotting.add_reference_slope(_axes(), [1, 2], [1, 2], NAN),
-        ValueError, "slope"),
-    Bad("plotting.add_reference_slope", "ax is not Axes", lambda: plotting.add_reference_slope(None, [1, 2], [1, 2], 1.0),
-        TypeError, "ax"),
+    Bad(
+        "plotting.add_reference_slope",
+        "lengths differ",
+        lambda: plotting.add_reference_slope(_axes(), [1, 2], [1], 1.0),
+        ValueError,
+        "x and y",
+    ),
+    Bad(
+        "plotting.add_reference_slope",
+        "negative x",
+        lambda: plotting.add_reference_slope(_axes(), [-1, 2], [1, 2], 1.0),
+        ValueError,
+        "x and y",
+    ),
+    Bad(
+        "plotting.add_reference_slope",
+        "NaN slope",
+        lambda: plotting.add_reference_slope(_axes(), [1, 2], [1, 2], NAN),
+        ValueError,
+        "slope",
+    ),
+    Bad(
+        "plotting.add_reference_slope",
+        "ax is not Axes",
+        lambda: plotting.add_reference_slope(None, [1, 2], [1, 2], 1.0),
+        TypeError,
+        "ax",
+    ),
 ]
+
 
 def _y(n: int = 4) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(2))
@@ -408,8 +515,13 @@ def _forward_cases(name: str, wrap: Callable[[torch.nn.Module], torch.nn.Module]
     return [
         Bad(name, "called on x of the wrong trailing shape", lambda: wrap(_net())(_x(4, 5)), ValueError, "x"),
         Bad(name, "called on x float64, model float32", lambda: wrap(_net())(_x(dtype=torch.float64)), TypeError, "x"),
-        Bad(name, "called on integer x, model float", lambda: wrap(_net())(torch.ones(4, 3, dtype=torch.int64)),
-            ValueError, "x"),
+        Bad(
+            name,
+            "called on integer x, model float",
+            lambda: wrap(_net())(torch.ones(4, 3, dtype=torch.int64)),
+            ValueError,
+            "x",
+        ),
         Bad(name, "called on a list", lambda: wrap(_net())([[0.0, 1.0, 2.0]]), TypeError, "x"),
         Bad(name, "called on x on another device", lambda: wrap(_net())(_x().to(META)), ValueError, "x"),
     ]
@@ -419,7 +531,13 @@ TRAINING_CASES: list[Bad] = [
     Bad("training.train", "model is not a Module", lambda: _train(model=lambda x: x), TypeError, "model"),
     Bad("training.train", "no trainable parameters", lambda: _train(model=_frozen()), ValueError, "model"),
     # Integer inputs are accepted (token ids), as by empirical_ntk; a float model that cannot take them is named with x.
-    Bad("training.train", "x integer, model float", lambda: _train(x=torch.ones(4, 3, dtype=torch.int64)), ValueError, "x"),
+    Bad(
+        "training.train",
+        "x integer, model float",
+        lambda: _train(x=torch.ones(4, 3, dtype=torch.int64)),
+        ValueError,
+        "x",
+    ),
     Bad("training.train", "x empty", lambda: _train(x=_x(0), y=_y(0)), ValueError, "x"),
     Bad("training.train", "x NaN", lambda: _train(x=_with(NAN)), ValueError, "x"),
     Bad("training.train", "x on another device", lambda: _train(x=_x().to(META)), ValueError, "x"),
@@ -445,42 +563,125 @@ TRAINING_CASES: list[Bad] = [
     Bad("linearized.Scaled", "alpha a string", lambda: linearized.Scaled(_net(), "2"), TypeError, "alpha"),
     Bad("linearized.ntk_predict", "kernel not square", lambda: _predict(kernel=_gram()[:3]), ValueError, "kernel"),
     Bad("linearized.ntk_predict", "kernel a list", lambda: _predict(kernel=[[1.0]]), TypeError, "kernel"),
-    Bad("linearized.ntk_predict", "kernel empty", lambda: _predict(kernel=torch.ones(0, 0, dtype=torch.float64),
-                                                                f0=_y(0).double(), y=_y(0).double()), ValueError, "kernel"),
+    Bad(
+        "linearized.ntk_predict",
+        "kernel empty",
+        lambda: _predict(kernel=torch.ones(0, 0, dtype=torch.float64), f0=_y(0).double(), y=_y(0).double()),
+        ValueError,
+        "kernel",
+    ),
     Bad("linearized.ntk_predict", "f0 wrong length", lambda: _predict(f0=_y(3).double()), ValueError, "f0"),
     Bad("linearized.ntk_predict", "f0 float32", lambda: _predict(f0=_y()), TypeError, "f0"),
     Bad("linearized.ntk_predict", "y on another device", lambda: _predict(y=_y().double().to(META)), TypeError, "y"),
     Bad("linearized.ntk_predict", "lr 0", lambda: _predict(lr=0.0), ValueError, "lr"),
     Bad("linearized.ntk_predict", "steps negative", lambda: _predict(steps=-1), ValueError, "steps"),
-    Bad("linearized.ntk_predict", "kernel_test without f0_test", lambda: _predict(kernel_test=_gram()), ValueError, "f0_test"),
-    Bad("linearized.ntk_predict", "kernel_test wrong width", lambda: _predict(kernel_test=_gram()[:, :3], f0_test=_y().double()),
-        ValueError, "kernel_test"),
-    Bad("linearized.critical_lr", "kernel not square", lambda: linearized.critical_lr(_gram()[:3]), ValueError, "kernel"),
-    Bad("linearized.critical_lr", "alpha negative", lambda: linearized.critical_lr(_gram(), alpha=-1.0), ValueError, "alpha"),
+    Bad(
+        "linearized.ntk_predict",
+        "kernel_test without f0_test",
+        lambda: _predict(kernel_test=_gram()),
+        ValueError,
+        "f0_test",
+    ),
+    Bad(
+        "linearized.ntk_predict",
+        "kernel_test wrong width",
+        lambda: _predict(kernel_test=_gram()[:, :3], f0_test=_y().double()),
+        ValueError,
+        "kernel_test",
+    ),
+    Bad(
+        "linearized.critical_lr", "kernel not square", lambda: linearized.critical_lr(_gram()[:3]), ValueError, "kernel"
+    ),
+    Bad(
+        "linearized.critical_lr",
+        "alpha negative",
+        lambda: linearized.critical_lr(_gram(), alpha=-1.0),
+        ValueError,
+        "alpha",
+    ),
     Bad("training.train", "x wrong trailing shape", lambda: _train(x=_x(4, 5)), ValueError, "x"),
-    Bad("linearized.ntk_predict", "kernel NaN", lambda: _predict(kernel=_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
-    Bad("linearized.ntk_predict", "y inf", lambda: _predict(y=torch.tensor([1.0, INF, 0.0, 0.0], dtype=torch.float64)),
-        ValueError, "y"),
+    Bad(
+        "linearized.ntk_predict",
+        "kernel NaN",
+        lambda: _predict(kernel=_gram().fill_diagonal_(NAN)),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "linearized.ntk_predict",
+        "y inf",
+        lambda: _predict(y=torch.tensor([1.0, INF, 0.0, 0.0], dtype=torch.float64)),
+        ValueError,
+        "y",
+    ),
     Bad("linearized.ntk_predict", "kernel not symmetric", lambda: _predict(kernel=_cross()), ValueError, "kernel"),
-    Bad("linearized.ntk_predict", "kernel on the meta device", lambda: _predict(kernel=_gram().to(META)),
-        ValueError, "kernel"),
-    Bad("linearized.critical_lr", "kernel not symmetric", lambda: linearized.critical_lr(_cross()), ValueError, "kernel"),
-    Bad("linearized.critical_lr", "kernel on the meta device", lambda: linearized.critical_lr(_gram().to(META)),
-        ValueError, "kernel"),
+    Bad(
+        "linearized.ntk_predict",
+        "kernel on the meta device",
+        lambda: _predict(kernel=_gram().to(META)),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "linearized.critical_lr", "kernel not symmetric", lambda: linearized.critical_lr(_cross()), ValueError, "kernel"
+    ),
+    Bad(
+        "linearized.critical_lr",
+        "kernel on the meta device",
+        lambda: linearized.critical_lr(_gram().to(META)),
+        ValueError,
+        "kernel",
+    ),
     Bad("linearized.critical_lr", "kernel a list", lambda: linearized.critical_lr([[1.0]]), TypeError, "kernel"),
-    Bad("linearized.critical_lr", "kernel NaN", lambda: linearized.critical_lr(_gram().fill_diagonal_(NAN)), ValueError, "kernel"),
+    Bad(
+        "linearized.critical_lr",
+        "kernel NaN",
+        lambda: linearized.critical_lr(_gram().fill_diagonal_(NAN)),
+        ValueError,
+        "kernel",
+    ),
 ]
 
 BENCHMARK_CASES: list[Bad] = [
-    Bad("benchmark.build_case", "width 0", lambda: benchmark.build_case(0, 4, torch.device("cpu")), ValueError, "width"),
+    Bad(
+        "benchmark.build_case", "width 0", lambda: benchmark.build_case(0, 4, torch.device("cpu")), ValueError, "width"
+    ),
     Bad("benchmark.build_case", "n 0", lambda: benchmark.build_case(8, 0, torch.device("cpu")), ValueError, "n"),
-    Bad("benchmark.run_case", "unknown method", lambda: benchmark.run_case("fast", 8, 4, torch.device("cpu"), 1),
-        ValueError, "method"),
-    Bad("benchmark.run_case", "repeats 0", lambda: benchmark.run_case("jacobian", 8, 4, torch.device("cpu"), 0),
-        ValueError, "repeats"),
-    Bad("benchmark.benchmark", "unknown method", lambda: benchmark.benchmark([8], 4, ["fast"], "cpu", 1), ValueError, "method"),
-    Bad("benchmark.benchmark", "no widths", lambda: benchmark.benchmark([], 4, ["jacobian"], "cpu", 1), ValueError, "widths"),
-    Bad("benchmark.format_table", "rows not a list of rows", lambda: benchmark.format_table([{"width": 8}]), ValueError, "rows"),
+    Bad(
+        "benchmark.run_case",
+        "unknown method",
+        lambda: benchmark.run_case("fast", 8, 4, torch.device("cpu"), 1),
+        ValueError,
+        "method",
+    ),
+    Bad(
+        "benchmark.run_case",
+        "repeats 0",
+        lambda: benchmark.run_case("jacobian", 8, 4, torch.device("cpu"), 0),
+        ValueError,
+        "repeats",
+    ),
+    Bad(
+        "benchmark.benchmark",
+        "unknown method",
+        lambda: benchmark.benchmark([8], 4, ["fast"], "cpu", 1),
+        ValueError,
+        "method",
+    ),
+    Bad(
+        "benchmark.benchmark",
+        "no widths",
+        lambda: benchmark.benchmark([], 4, ["jacobian"], "cpu", 1),
+        ValueError,
+        "widths",
+    ),
+    Bad(
+        "benchmark.format_table",
+        "rows not a list of rows",
+        lambda: benchmark.format_table([{"width": 8}]),
+        ValueError,
+        "rows",
+    ),
 ]
 
 BAD_INPUT += TRAINING_CASES + BENCHMARK_CASES
@@ -510,8 +711,11 @@ def test_integral_numbers_are_accepted_where_an_int_is_wanted() -> None:
     layer = models.NTKLinear(i(3), i(2))
     assert (layer.in_features, layer.out_features) == (3, 2) and type(layer.in_features) is int
     assert models.dense(i(3), i(2), parameterization="standard").in_features == 3
-    for net in (models.TwoLayerNet(i(3), i(4), i(1)), models.HadamardNet(i(3), i(4), i(1)),
-                models.mlp(i(3), i(4), i(2), i(1))):
+    for net in (
+        models.TwoLayerNet(i(3), i(4), i(1)),
+        models.HadamardNet(i(3), i(4), i(1)),
+        models.mlp(i(3), i(4), i(2), i(1)),
+    ):
         assert net(_x()).shape == (4, 1)
     torch.testing.assert_close(kernels.relu_ntk(_x(), _x(), i(2)), kernels.relu_ntk(_x(), _x(), 2))
     assert kernels.mc_relu_ntk(_x(), _x(), i(10))[0].shape == (4, 4)

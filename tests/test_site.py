@@ -139,7 +139,9 @@ MATH_JS = """() => {
   };
 }"""
 
-IMAGES_JS = """() => [...document.images].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0}))"""
+IMAGES_JS = (
+    """() => [...document.images].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0}))"""
+)
 
 
 @pytest.mark.parametrize("entry", toc_files())
@@ -153,7 +155,9 @@ def test_page_in_the_browser(entry: str, site: str, browser: object) -> None:
     offsite_requests: list[str] = []
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: console_errors.append(f"uncaught: {e}"))
-    page.on("requestfailed", lambda r: failed_requests.append(f"{r.url} ({r.failure})") if r.url.startswith(site) else None)
+    page.on(
+        "requestfailed", lambda r: failed_requests.append(f"{r.url} ({r.failure})") if r.url.startswith(site) else None
+    )
     page.on("response", lambda r: failed_requests.append(f"{r.url} (HTTP {r.status})") if r.status >= 400 else None)
 
     def offline_only(route: object) -> None:
@@ -194,7 +198,9 @@ def test_page_in_the_browser(entry: str, site: str, browser: object) -> None:
     assert not math["errors"], f"{entry}: MathJax errors: {math['errors'][:5]}"
     prose = page.evaluate(PROSE_JS)
     for raw in ("$$", "\\begin", "\\(", "\\["):
-        assert raw not in prose, f"{entry}: raw TeX {raw!r} left in the text: ...{prose[max(prose.find(raw) - 80, 0):prose.find(raw) + 80]}..."
+        assert raw not in prose, (
+            f"{entry}: raw TeX {raw!r} left in the text: ...{prose[max(prose.find(raw) - 80, 0) : prose.find(raw) + 80]}..."
+        )
     stray = re.search(r"\$[^$\s][^$\n]{0,80}\$", prose)
     assert stray is None, f"{entry}: unrendered inline math {stray.group(0) if stray else ''!r}"
 
@@ -223,7 +229,9 @@ def check_links(entry: str, page: object, site: str) -> None:
 
 def check_buttons(entry: str, page: object, site: str) -> None:
     """The download buttons fetch a file; a chapter's Colab button opens its committed .ipynb."""
-    downloads = page.evaluate("() => [...document.querySelectorAll('.dropdown-download-buttons a[href]')].map(a => a.href)")
+    downloads = page.evaluate(
+        "() => [...document.querySelectorAll('.dropdown-download-buttons a[href]')].map(a => a.href)"
+    )
     assert any(href.endswith(".md") for href in downloads), f"{entry}: no download button for the .md source"
     for href in downloads:
         response = page.request.get(href)

@@ -122,8 +122,9 @@ def test_ntk_predict_equals_trained_linearised_model(alpha: float, depth: int) -
     f0, f0_test = model(x).detach(), model(x_test).detach()
     lr, steps = 0.5 * critical_lr(kernel, alpha=alpha), 60
     history = train(lin, x, y, steps=steps, lr=lr, alpha=alpha, progress=False)
-    prediction = ntk_predict(kernel, f0, y, lr=lr, steps=list(range(steps + 1)), alpha=alpha,
-                             kernel_test=kernel_test, f0_test=f0_test)
+    prediction = ntk_predict(
+        kernel, f0, y, lr=lr, steps=list(range(steps + 1)), alpha=alpha, kernel_test=kernel_test, f0_test=f0_test
+    )
     torch.testing.assert_close(prediction.train[-1], lin(x).detach()[:, 0], rtol=0, atol=1e-10)
     torch.testing.assert_close(prediction.test[-1], lin(x_test).detach()[:, 0], rtol=0, atol=1e-10)
     predicted_loss = ((prediction.train - y[:, 0]) ** 2).mean(dim=1)
@@ -178,7 +179,8 @@ def test_kernels_symmetric_up_to_rounding_are_accepted_and_cross_kernels_refused
         torch.testing.assert_close(
             ntk_predict(kernel, f0, y.float(), lr=lr, steps=5).train,
             ntk_predict((kernel + kernel.T) / 2, f0, y.float(), lr=lr, steps=5).train,
-            rtol=1e-4, atol=1e-5,
+            rtol=1e-4,
+            atol=1e-5,
         )
     # Θ(x_test, x_train) with as many test as training inputs is square, but its triangles disagree.
     cross = empirical_ntk(model, x.float() + 0.5, x.float())
@@ -308,8 +310,9 @@ def test_default_progress_draws_no_text_bar_into_a_notebook_without_ipywidgets(
     # What the book build is: a Jupyter kernel, no ipywidgets. A text bar there would land in the page.
     monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel", sys))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "ipywidgets" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else real_find_spec(name, *a)
+    )
     x, y = data()
     train(net(), x, y, steps=3, lr=0.1)
     assert capsys.readouterr() == ("", "")

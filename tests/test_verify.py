@@ -32,8 +32,14 @@ def oracle(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None) -
             out = model(x[i : i + 1]).reshape(-1)
             for a in range(out.numel()):
                 grads = torch.autograd.grad(out[a], params, retain_graph=True, allow_unused=True)
-                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
-                                       for g, p in zip(grads, params)]))
+                rows.append(
+                    torch.cat(
+                        [
+                            (torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
+                            for g, p in zip(grads, params)
+                        ]
+                    )
+                )
         return torch.stack(rows).reshape(x.shape[0], -1, sum(p.numel() for p in params))
 
     j1 = jacobian(x1)
@@ -181,6 +187,7 @@ def _seeded(factory):  # noqa: ANN001, ANN202
     def build() -> nn.Module:
         torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
         return factory().double()
+
     return build
 
 
@@ -205,7 +212,11 @@ CONTRACT_CASES = {
     "parameter in a functools.partial": lambda: (_seeded(PartialHeld)(), _x(), None),
     "parametrize.cached()": lambda: (_seeded(CachedParametrization)(), _x(), None),
     "token ids into an embedding": lambda: (_seeded(Tokens)(), torch.randint(11, (5, 4), generator=gen(3)), None),
-    "sparse embedding": lambda: (_seeded(lambda: Tokens(sparse=True))(), torch.randint(11, (5, 4), generator=gen(3)), None),
+    "sparse embedding": lambda: (
+        _seeded(lambda: Tokens(sparse=True))(),
+        torch.randint(11, (5, 4), generator=gen(3)),
+        None,
+    ),
     "custom autograd.Function without vmap": lambda: (_seeded(CustomFunction)(), _x(), None),
     "reentrant checkpoint": lambda: (_seeded(lambda: Checkpointed(True))(), _x(), None),
     "non-reentrant checkpoint": lambda: (_seeded(lambda: Checkpointed(False))(), _x(), None),
@@ -284,8 +295,11 @@ class Noisy(nn.Module):
         return self.out(h)
 
 
-@pytest.mark.parametrize("mix", [_mean_centred, lambda out: out.softmax(0), lambda out: out.cumsum(0)],
-                         ids=["minus the batch mean", "softmax over inputs", "cumsum over inputs"])
+@pytest.mark.parametrize(
+    "mix",
+    [_mean_centred, lambda out: out.softmax(0), lambda out: out.cumsum(0)],
+    ids=["minus the batch mean", "softmax over inputs", "cumsum over inputs"],
+)
 @pytest.mark.parametrize("method", METHODS)
 def test_outputs_mixed_across_the_batch_are_refused(mix, method: str) -> None:  # noqa: ANN001
     torch.manual_seed(0)
@@ -301,11 +315,14 @@ def test_random_models_are_refused(kind: str) -> None:
         empirical_ntk(model, _x())
 
 
-@pytest.mark.parametrize(("x1", "x2", "error", "match"), [
-    (_x(), _x()[None], ValueError, "x2"),
-    (_x().to_sparse(), None, TypeError, "x1 must be a dense"),
-    (torch.nested.nested_tensor([_x(2), _x(3)]), None, TypeError, "x1 must be a dense"),
-])
+@pytest.mark.parametrize(
+    ("x1", "x2", "error", "match"),
+    [
+        (_x(), _x()[None], ValueError, "x2"),
+        (_x().to_sparse(), None, TypeError, "x1 must be a dense"),
+        (torch.nested.nested_tensor([_x(2), _x(3)]), None, TypeError, "x1 must be a dense"),
+    ],
+)
 def test_unusual_inputs_get_clear_errors(x1: torch.Tensor, x2: torch.Tensor | None, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         empirical_ntk(mlp(3, 4, 1, generator=gen(0)).double(), x1, x2)
@@ -338,6 +355,7 @@ def test_rounding_never_trips_the_check_on_correct_float32_kernels() -> None:
         request = make_request(model, x, None if seed % 4 else x[:5] * 1.5, "auto", mode, None)
         verifier = Verifier(request)
         from ntkbook.ntk.auto import run_method
+
         for method in ("structured", "loop"):
             verifier.check(run_method(request, method, None), method)
             worst = max(worst, verifier.last_ratio)

@@ -33,7 +33,10 @@ def run_method(request: Request, method: str, chunk: int | None) -> torch.Tensor
     other = request.other
     return block_kernel(
         lambda i0, i1, j0, j1: implicit_block(request, x1[i0:i1], other[j0:j1], mode),
-        x1.shape[0], other.shape[0], request.symmetric, chunk,
+        x1.shape[0],
+        other.shape[0],
+        request.symmetric,
+        chunk,
     )
 
 
@@ -53,7 +56,9 @@ def explicit_kernel(request: Request, method: str, verifier: Verifier | None) ->
     return kernel
 
 
-def _attempt(request: Request, method: str, chunk: int | None, verifier: Verifier | None, reasons: list) -> torch.Tensor | None:
+def _attempt(
+    request: Request, method: str, chunk: int | None, verifier: Verifier | None, reasons: list
+) -> torch.Tensor | None:
     """One rung of the ladder: the verified kernel, or ``None`` with the reason appended."""
     try:
         kernel = run_method(request, method, chunk)

@@ -138,9 +138,7 @@ def outputs_per_input(model: nn.Module, name: str, x: torch.Tensor) -> int:
         return apply(model, name, x[:1]).shape[1]
 
 
-def make_request(
-    model: nn.Module, x1: object, x2: object, method: object, mode: object, chunk_size: object
-) -> Request:
+def make_request(model: nn.Module, x1: object, x2: object, method: object, mode: object, chunk_size: object) -> Request:
     """Check every argument of :func:`~ntkbook.ntk.empirical_ntk` and count the outputs per input."""
     params = trainable_parameters(model)
     if torch.is_inference_mode_enabled():

@@ -93,8 +93,10 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     is that of a kernel entry (see :mod:`ntkbook.ntk.features`)."""
     q = a.shape[1] // GRAM_CHUNK
     whole = q * GRAM_CHUNK
-    head = torch.bmm(a[:, :whole].reshape(a.shape[0], q, GRAM_CHUNK).transpose(0, 1),
-                     b[:, :whole].reshape(b.shape[0], q, GRAM_CHUNK).permute(1, 2, 0))
+    head = torch.bmm(
+        a[:, :whole].reshape(a.shape[0], q, GRAM_CHUNK).transpose(0, 1),
+        b[:, :whole].reshape(b.shape[0], q, GRAM_CHUNK).permute(1, 2, 0),
+    )
     return head.double().sum(0).cpu() + (a[:, whole:] @ b[:, whole:].T).double().cpu()
 
 
@@ -141,10 +143,13 @@ class Verifier:
             out = apply(request.model, name, x[rows[start:stop].to(x.device)])
             outputs.append(out.detach())
             c = cot[:, :, start:stop].to(out.dtype).to(out.device)
-            grads = torch.stack([
-                flat_gradient(out, request.params, c[a, b], retain_graph=(a, b) != (m - 1, o - 1))
-                for a in range(m) for b in range(o)
-            ]).reshape(m, o, -1)
+            grads = torch.stack(
+                [
+                    flat_gradient(out, request.params, c[a, b], retain_graph=(a, b) != (m - 1, o - 1))
+                    for a in range(m)
+                    for b in range(o)
+                ]
+            ).reshape(m, o, -1)
             total = grads if total is None else total.add_(grads)
         return total, torch.cat(outputs)
 

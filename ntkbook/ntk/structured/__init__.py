@@ -35,7 +35,9 @@ def _output_gradients(out: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.T
     except torch.cuda.OutOfMemoryError:
         raise
     except RuntimeError as err:
-        raise NotStructuredError(f"cannot take the gradients of the outputs with respect to each layer: {err}") from None
+        raise NotStructuredError(
+            f"cannot take the gradients of the outputs with respect to each layer: {err}"
+        ) from None
     return [None if g is None else g.transpose(0, 1) for g in grads]
 
 
