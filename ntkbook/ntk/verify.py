@@ -25,7 +25,7 @@ output, with cotangents :math:`u \\otimes e_a`, so each probe costs ``k`` backwa
     \\qquad \\rho = C \\epsilon \\sqrt{L},
 
 with :math:`\\epsilon` the unit roundoff (float32 2^-24, float64 2^-53; 2^-11 for float32 on a GPU that
-allows TF32), :math:`L` the longest chain of sums behind a checked number (:meth:`Verifier.summation_length`:
+allows TF32), :math:`L` the longest chain of sums behind a checked number (``Verifier.summation_length``:
 the backward pass's widths, the probed rows and a Gram chunk of ``GRAM_CHUNK`` entries) and ``C`` from
 ``TOLERANCE_FACTOR`` (``TOLERANCE_FACTORS`` by dtype). The first term is the Cauchy–Schwarz scale of the right-hand side; the second keeps
 the tolerance at the rounding level of the kernel's entries when :math:`J_1^\\top u` happens to cancel (an
