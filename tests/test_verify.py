@@ -455,3 +455,28 @@ def test_auto_runs_the_model_a_bounded_number_of_times() -> None:
     # 1 output count, 1 verification batch, 4 single inputs, then structured (1), its budget (1)
     # and jacobian (functional_call runs count too, 1).
     assert len(calls) <= 10, len(calls)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 4])
+def test_mixing_is_refused_whatever_the_chunks(chunk_size: int | None) -> None:
+    torch.manual_seed(0)
+    model = Mixing(lambda out: out.cumsum(0)).double()
+    with pytest.raises(ValueError, match="depend on that input alone"):
+        empirical_ntk(model, _x(10), method="loop", chunk_size=chunk_size)
+
+
+def test_a_call_inside_parametrize_cached_is_refused() -> None:
+    model = _seeded(CachedParametrization)()
+    with parametrize.cached(), pytest.raises(ValueError, match="parametrize.cached"):
+        empirical_ntk(model, _x())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reentrant_checkpoint_gets_the_right_kernel_or_a_clear_error(method: str) -> None:
+    model = _seeded(lambda: Checkpointed(True))()
+    try:
+        kernel = empirical_ntk(model, _x(), method=method)
+    except ValueError as err:
+        assert "method" in str(err), err
+        return
+    assert rel(kernel, oracle(model, _x())) < 1e-10

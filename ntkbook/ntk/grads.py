@@ -15,7 +15,8 @@ def flat_gradient(
     A model with reentrant ``torch.utils.checkpoint`` cannot be differentiated by
     ``torch.autograd.grad``; it gets ``backward()`` instead, with every ``.grad`` restored after."""
     try:
-        grads = torch.autograd.grad(output, params, cotangent, retain_graph=retain_graph, allow_unused=True)
+        # The graph is kept through a failed attempt, so that backward() can still run after it.
+        grads = torch.autograd.grad(output, params, cotangent, retain_graph=True, allow_unused=True)
     except RuntimeError as err:
         if "checkpoint" not in str(err):
             raise

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ntkbook._checks import positive_int
 
@@ -145,6 +146,11 @@ def make_request(model: nn.Module, x1: object, x2: object, method: object, mode:
         raise ValueError(
             "empirical_ntk differentiates the model, which torch.inference_mode() forbids; call it outside "
             "inference mode (inside torch.no_grad() is fine)"
+        )
+    if parametrize._cache_enabled:
+        raise ValueError(
+            "empirical_ntk is called inside torch.nn.utils.parametrize.cached(), which would keep a parametrized "
+            "weight computed once without its graph; call it outside cached()"
         )
     x1 = check_batch("x1", x1, params[0])
     if x2 is not None:

@@ -178,12 +178,15 @@ class Verifier:
     def _check_batch(self, name: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, again: bool) -> None:
         """Outputs of single inputs against their rows of the batch, and (``again``) a second run."""
         tol = math.sqrt(self.roundoff) * 2
-        scale = out.abs().pow(2).mean(0).sqrt()  # each output's size over the batch
         picks = [0, len(rows) - 1]
         if len(rows) > 2:
             picks.append(int(torch.randint(1, len(rows) - 1, (1,), generator=self.generator)))
         model = self.request.model
         with torch.no_grad():
+            if self.request.chunk_size is not None and self.request.chunk_size < len(rows):
+                # The probed rows as one batch: a chunk boundary must not hide mixing across inputs.
+                out = apply(model, name, x[rows.to(x.device)])
+            scale = out.abs().pow(2).mean(0).sqrt()  # each output's size over the batch
             alone = {p: apply(model, name, x[int(rows[p]) : int(rows[p]) + 1])[0] for p in dict.fromkeys(picks)}
             repeat = apply(model, name, x[int(rows[picks[-1]]) : int(rows[picks[-1]]) + 1])[0] if again else None
         for p, single in alone.items():
