@@ -6,11 +6,15 @@ import torch
 
 
 def flat_gradient(
-    output: torch.Tensor, params: list[torch.Tensor], cotangent: torch.Tensor | None, retain_graph: bool
+    output: torch.Tensor,
+    params: list[torch.Tensor],
+    cotangent: torch.Tensor | None,
+    retain_graph: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:math:`\\nabla_\\theta \\langle c, f \\rangle` for the cotangent ``c`` (the shape of ``output``;
     ``None`` for a scalar output), as one flat vector over ``params`` in order: unused parameters give
-    zeros, sparse gradients (``nn.Embedding(sparse=True)``) are made dense.
+    zeros, sparse gradients (``nn.Embedding(sparse=True)``) are made dense; written into ``out`` if given.
 
     A model with reentrant ``torch.utils.checkpoint`` cannot be differentiated by
     ``torch.autograd.grad``; it gets ``backward()`` instead, with every ``.grad`` restored after."""
@@ -36,4 +40,4 @@ def flat_gradient(
         elif g.layout != torch.strided:
             g = g.to_dense()
         parts.append(g.reshape(-1))
-    return torch.cat(parts)
+    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)

@@ -143,13 +143,11 @@ class Verifier:
             out = apply(request.model, name, x[rows[start:stop].to(x.device)])
             outputs.append(out.detach())
             c = cot[:, :, start:stop].to(out.dtype).to(out.device)
-            grads = torch.stack(
-                [
-                    flat_gradient(out, request.params, c[a, b], retain_graph=(a, b) != (m - 1, o - 1))
-                    for a in range(m)
-                    for b in range(o)
-                ]
-            ).reshape(m, o, -1)
+            grads = out.new_empty(m, o, sum(p.numel() for p in request.params))
+            for a in range(m):
+                for b in range(o):
+                    last = (a, b) == (m - 1, o - 1)
+                    flat_gradient(out, request.params, c[a, b], retain_graph=not last, out=grads[a, b])
             total = grads if total is None else total.add_(grads)
         return total, torch.cat(outputs)
 
