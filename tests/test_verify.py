@@ -14,9 +14,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ntkbook import empirical_ntk, mlp
+from ntkbook.benchmark import build_case
 from ntkbook.ntk import METHODS, MODES, VerificationError
 from ntkbook.ntk import verify as verification
+from ntkbook.ntk.auto import run_method
+from ntkbook.ntk.features import contract
 from ntkbook.ntk.request import make_request
+from ntkbook.ntk.structured import layers, structured_features
 from ntkbook.ntk.verify import Verifier
 
 F64 = torch.float64
@@ -354,7 +358,6 @@ def test_rounding_never_trips_the_check_on_correct_float32_kernels() -> None:
         mode = MODES[seed % 3]
         request = make_request(model, x, None if seed % 4 else x[:5] * 1.5, "auto", mode, None)
         verifier = Verifier(request)
-        from ntkbook.ntk.auto import run_method
 
         for method in ("structured", "loop"):
             verifier.check(run_method(request, method, None), method)
@@ -365,9 +368,6 @@ def test_rounding_never_trips_the_check_on_correct_float32_kernels() -> None:
 
 @pytest.mark.parametrize("perturbation", ["drop a layer's share", "swap two rows", "scale a block by 1.01"])
 def test_perturbed_kernels_are_caught(perturbation: str) -> None:
-    from ntkbook.ntk.auto import run_method
-    from ntkbook.ntk.features import contract
-    from ntkbook.ntk.structured import layers, structured_features
 
     caught = 0
     for seed in range(40):
@@ -407,8 +407,6 @@ def test_the_rank_one_error_is_the_least_favourable_and_the_stated_bounds_hold()
         miss = float(((u * v * sigma).sum(1).abs() <= eps).double().mean())
         assert miss <= q(eps) + 4 * math.sqrt(q(eps) / m), rank
     # The docstring's figures for the float32 benchmark MLP 20 -> 1024 -> 1024 -> 1 (n = 256).
-    from ntkbook.benchmark import build_case
-
     model, x = build_case(1024, 256, torch.device("cpu"))
     verifier = Verifier(make_request(model, x, None, "structured", "full", None))
     length = verifier.summation_length(max(verification.ALL_ROWS, 256 // verification.ROW_FRACTION))

@@ -108,6 +108,7 @@ class Verifier:
         self.generator = torch.Generator().manual_seed(PROBE_SEED)
         self.roundoff = unit_roundoff(request.reference.dtype, request.reference.device)
         self._sides: tuple | None = None
+        self.last_ratio = 0.0  # the last check's largest discrepancy, in units of the tolerance
 
     def _rows(self, n: int) -> torch.Tensor:
         if n <= ALL_ROWS:
