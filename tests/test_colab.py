@@ -2,7 +2,7 @@
 
 The simulation: each chapter's committed ``.ipynb`` is copied alone into an empty folder outside the
 repository and executed by nbclient with a kernel from a fresh virtual environment that holds only
-what a bare Colab runtime brings for this book (torch, numpy, matplotlib, ipykernel), not ntkbook.
+what a bare Colab runtime brings for this book (torch, numpy, matplotlib, scikit-learn, ipykernel), not ntkbook.
 The chapter's bootstrap cell must install ntkbook itself, from ``NTKBOOK_INSTALL``: a copy of the
 checkout's package files (a copy, because pip's build writes ``build/`` and ``*.egg-info`` into the
 source folder, which is the working tree here). ntkbook is uninstalled again after each chapter, so
@@ -35,7 +35,7 @@ from nbclient import NotebookClient
 from conftest import ROOT, BookBuild
 
 # What a bare Colab runtime provides for this book; versions as pinned in requirements.txt.
-RUNTIME_PACKAGES = ("torch", "numpy", "matplotlib", "ipykernel")
+RUNTIME_PACKAGES = ("torch", "numpy", "matplotlib", "scikit-learn", "ipykernel")
 KERNEL_NAME = "colab-simulation"
 EXECUTED = ROOT / "_build" / "colab"
 TIMING_TAG = "timing"
