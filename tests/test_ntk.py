@@ -69,9 +69,13 @@ def test_loop_makes_one_backward_pass_per_input() -> None:
     empirical_ntk(model, x1, x2, method="loop", verify=False)
     assert len(calls) == 7 + 5
     calls.clear()
-    # The verification adds one backward pass per probe (two pairs) on each side.
+    # The verification adds one backward pass per probe (three) on each side.
     empirical_ntk(model, x1, x2, method="loop")
-    assert len(calls) == 7 + 5 + 2 + 2
+    assert len(calls) == 7 + 5 + 3 + 3
+    calls.clear()
+    # For the symmetric kernel five probes serve both sides.
+    empirical_ntk(model, x1, method="loop")
+    assert len(calls) == 7 + 5
 
 
 def test_frozen_parameters_are_excluded() -> None:

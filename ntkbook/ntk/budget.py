@@ -60,7 +60,7 @@ def estimate(request: Request, measured: Measurements, method: str, chunk_size: 
     n1 = request.x1.shape[0]
     n2 = request.other.shape[0]
     k, b = request.k, request.reference.element_size()
-    p = sum(q.numel() for q in request.params)
+    p = request.num_params
     kernel = n1 * n2 * {"full": k * k, "trace": 1, "diagonal": k}[request.mode] * b
     c1, c2 = min(n1, chunk_size or n1), min(n2, chunk_size or n2)
     activations = sum(outputs for _, _, outputs in measured.sizes)
@@ -94,7 +94,7 @@ def pick_torch_func_method(request: Request, measured: Measurements) -> tuple[st
     """The cheaper of "jacobian" and "implicit" by the cost model of Novak et al. (2022), if it fits in
     half the free memory; else "implicit" in chunks that fit. ``chunk_size``, when given, is kept."""
     n1, n2, k = request.x1.shape[0], request.other.shape[0], request.k
-    p = sum(q.numel() for q in request.params)
+    p = request.num_params
     flops = max(measured.flops, p)
     contraction = n1 * n2 * p * (k * k if request.mode == "full" else k)
     jacobian_cost = (n1 + n2) * k * 3 * flops + 2 * contraction

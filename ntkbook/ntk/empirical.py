@@ -51,13 +51,13 @@ def empirical_ntk(
         verify: check the kernel before returning it (the default). Every kernel is compared with the
             model's own autograd on the identity :math:`u^\\top \\Theta v = \\langle J_1^\\top u, J_2^\\top v\\rangle`
             for random probes (module ``ntkbook.ntk.verify`` states the tolerance and the guarantee:
-            for a float32 MLP of width 1024 an error of 1e-2 of the kernel's scale is missed with
-            probability below 3e-4, one of 1e-3 below 0.013), and the model is checked to be
+            for a float32 MLP of width 1024 an error of 1e-3 of the kernel's scale is missed with
+            probability below 2e-4, one of 1e-2 below 4e-7), and the model is checked to be
             deterministic and to treat each input alone.
             An explicit method whose kernel fails raises :class:`VerificationError`; ``"auto"`` moves
             on to the next method. ``verify=False`` skips both checks and their cost (one forward and
-            ``2 x 2`` backward passes on up to 32 rows, or an eighth of a larger batch, per side; ``k``
-            times as many backward passes in trace and diagonal modes): for hot loops on a model already
+            5 backward passes on up to 16 rows, or a sixteenth of a larger batch; with ``x2`` 3 per side;
+            ``k`` times as many in trace and diagonal modes): for hot loops on a model already
             verified once, accepting that a kernel wrong for a model that breaks a method's assumptions
             would be returned without a word.
 

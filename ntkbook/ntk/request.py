@@ -41,6 +41,11 @@ class Request:
     def reference(self) -> torch.Tensor:
         return self.params[0]
 
+    @property
+    def num_params(self) -> int:
+        """``P``, the number of trainable parameters: the length of one flat gradient."""
+        return sum(p.numel() for p in self.params)
+
     def named_params(self) -> dict[str, torch.Tensor]:
         """The trainable parameters by qualified name, detached: what ``functional_call`` substitutes."""
         return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}

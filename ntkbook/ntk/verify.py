@@ -12,11 +12,15 @@ where :math:`J_1^\\top u` is one ordinary backward pass of the model on the batc
 with respect to the trainable parameters: no ``functional_call``, no hooks, no ``vmap``). The right-hand
 side holds whatever the model does inside, so a kernel that passes is right whatever a method assumed.
 
-**What is checked.** ``PROBE_PAIRS`` independent Gaussian probe pairs, from a generator of its own seeded
-with ``PROBE_SEED`` (the same probes on every call: same machine, same result). Up to ``ALL_ROWS`` inputs
-per side every row is probed; a larger batch is probed on ``max(ALL_ROWS, ceil(n / ROW_FRACTION))`` rows
-drawn at random, always with the first and the last. In trace and diagonal modes the identity holds per
-output, with cotangents :math:`u \\otimes e_a`, so each probe costs ``k`` backward passes per side.
+**What is checked.** Gaussian probes from a generator of its own seeded with ``PROBE_SEED`` (the same
+probes on every call: same machine, same result), and the identity for every pair of them. With ``x2``
+given, ``PROBES`` probes per side, :math:`u_1, \\dots, u_m` and :math:`v_1, \\dots, v_m`: :math:`m^2` checks
+from :math:`2m` backward passes. For the symmetric kernel, ``SYMMETRIC_PROBES`` probes :math:`w_a` serve
+both sides, every pair :math:`(w_a, w_b)` (:math:`a = b` included) a check, from one backward pass each.
+Up to ``ALL_ROWS`` inputs per side every row is probed; a larger batch is probed on
+``max(ALL_ROWS, ceil(n / ROW_FRACTION))`` rows drawn at random, always with the first and the last. In
+trace and diagonal modes the identity holds per output, with cotangents :math:`u \\otimes e_a`, so each
+probe costs ``k`` backward passes.
 
 **Tolerance.** A check fails when :math:`|u^\\top \\hat\\Theta v - \\langle J_1^\\top u, J_2^\\top v\\rangle| > \\tau`,
 
@@ -38,20 +42,36 @@ where the check's own float64 arithmetic rounds like the model's; so ``C`` is 2 
 **Guarantee.** Let :math:`E = \\hat\\Theta - \\Theta` on the probed rows and
 :math:`S = \\sqrt{\\operatorname{tr}\\Theta_{11} \\operatorname{tr}\\Theta_{22}}`, the typical size of the
 Cauchy–Schwarz scale (:math:`S \\ge \\|\\Theta\\|_F`, and close to it for the nearly low-rank kernels of
-wide networks). One probe pair misses :math:`E` only if :math:`|u^\\top E v| \\le 2\\tau \\approx 4 \\rho S`. For
-a rank-one :math:`E` (the least favourable case in ``tests/test_verify.py``), :math:`u^\\top E v = \\|E\\|_F\\, g h`
-with independent standard normals, so with :math:`q(\\varepsilon) = P(|gh| \\le \\varepsilon)` an error with
-:math:`\\|E\\|_F \\ge \\delta S` is missed with probability at most :math:`q(4\\rho/\\delta)^{m}`, ``m = PROBE_PAIRS``.
-For the float32 benchmark MLP ``20 -> 1024 -> 1024 -> 1`` (:math:`L = 7200`, :math:`\\rho = 1.01 \\times 10^{-5}`)
-that is 0.0125 at :math:`\\delta = 10^{-3}`, 0.0022 at :math:`3 \\times 10^{-3}` and :math:`3 \\times 10^{-4}` at
-:math:`10^{-2}`; :math:`\\rho` and with it :math:`\\delta` grow like the square root of the widths. On a subset
-of rows the guarantee is about those rows: an error spread over the kernel (a layer's share dropped, a
-wrong scale, a reordered batch) shows on any subset, while an error confined to one input is seen only
-when that input is drawn.
+wide networks). A pair misses :math:`E` only if :math:`|u_a^\\top E v_b| \\le 2\\tau \\approx 4 \\rho S`. For a
+rank-one :math:`E = \\|E\\|_F\\, e f^\\top` (the least favourable case in ``tests/test_verify.py``),
+:math:`u_a^\\top E v_b = \\|E\\|_F\\, g_a h_b` with standard normals :math:`g_a = e^\\top u_a`, :math:`h_b = f^\\top v_b`,
+so an error with :math:`\\|E\\|_F \\ge \\delta S` is missed only if :math:`\\max_a |g_a| \\max_b |h_b| \\le \\varepsilon
+= 4\\rho/\\delta`. With ``x2`` given the :math:`g_a` and :math:`h_b` are independent, and that has probability
+:math:`q_m(\\varepsilon)` (a one-dimensional integral, ``m = PROBES``); for the symmetric kernel :math:`E = E^\\top`
+is :math:`\\|E\\|_F\\, e e^\\top` and :math:`h_b = g_b`, so the probability is
+:math:`P(\\max_a |g_a| \\le \\sqrt\\varepsilon) = \\operatorname{erf}(\\sqrt{\\varepsilon / 2})^{m}`, ``m = SYMMETRIC_PROBES``.
+For the float32 benchmark MLP ``20 -> 1024 -> 1024 -> 1`` with 256 inputs (:math:`L = 7184`,
+:math:`\\rho = 1.01 \\times 10^{-5}`) an error of :math:`\\delta = 10^{-3}` is missed with probability at most
+:math:`1.1 \\times 10^{-4}` (symmetric) or :math:`1.7 \\times 10^{-4}` (``x2`` given), one of
+:math:`3 \\times 10^{-3}` at most :math:`10^{-5}`, one of :math:`10^{-2}` at most :math:`4 \\times 10^{-7}`.
+:math:`\\rho` and with it :math:`\\delta` grow like the square root of the widths: at width 4096 the same
+:math:`2 \\times 10^{-4}` holds for :math:`\\delta = 2 \\times 10^{-3}`. On a subset of rows the guarantee is
+about those rows: an error spread over the kernel (a layer's share dropped, a wrong scale, a reordered
+batch) shows on any subset, while an error confined to one input is seen only when that input is drawn
+(with probability ``r / n`` per side).
 
-**Batch independence and determinism** are checked on the same forward pass: the outputs of the first,
-the last and one random input run alone must equal their rows in the batch, and a second run of that
-input the first, to :math:`\\sqrt{\\epsilon}` of each output's scale over the batch.
+**What it cannot promise.** The tolerance is that of well-conditioned arithmetic. A float32 model whose
+gradients are ill-conditioned (inputs of size 1e4 into saturated tanh units, whose derivatives float32
+rounds to a few bits) has a float32 kernel that is off by more than rounding, 1e-4 of its scale and more
+in ``tests/test_verify.py``; two methods then disagree by as much, the check may refuse the kernel, and
+its message says to compute in float64.
+
+**Batch independence and determinism** are checked on the probed rows: the outputs of the first, the
+last and one random input run alone must equal their rows in the batch, the batch run in a random order
+its own outputs reordered, and a second run of that input the first, to :math:`2\\sqrt{\\epsilon}` of each
+output's scale over the batch. Gradients that mix the batch while the outputs do not (a batch statistic
+added and subtracted detached) are caught by the identity itself: its batch carries one extra, unprobed
+input, so it never differentiates the batch the kernel was computed on.
 """
 
 from __future__ import annotations
@@ -66,9 +86,10 @@ from ntkbook.ntk.grads import flat_gradient
 from ntkbook.ntk.request import Request, apply
 
 PROBE_SEED = 2018
-PROBE_PAIRS = 2
-ALL_ROWS = 32
-ROW_FRACTION = 8
+PROBES = 3
+SYMMETRIC_PROBES = 5
+ALL_ROWS = 16
+ROW_FRACTION = 16
 TOLERANCE_FACTOR = 2.0
 # The check computes in float64, so for a float64 model its own rounding adds to the model's.
 TOLERANCE_FACTORS = {torch.float64: 8.0}
@@ -117,9 +138,9 @@ class Verifier:
         middle = torch.randperm(n - 2, generator=self.generator)[: r - 2] + 1
         return torch.cat([torch.tensor([0, n - 1]), middle]).sort().values
 
-    def _probes(self, r: int) -> torch.Tensor:
-        """``(PROBE_PAIRS, r, k)`` standard normal probes, drawn on the CPU in float64."""
-        probes = torch.randn(PROBE_PAIRS, r, self.request.k, generator=self.generator, dtype=torch.float64)
+    def _probes(self, count: int, r: int) -> torch.Tensor:
+        """``(count, r, k)`` standard normal probes, drawn on the CPU in float64."""
+        probes = torch.randn(count, r, self.request.k, generator=self.generator, dtype=torch.float64)
         # Rounded to the model's dtype once, so that both sides of the identity use the same numbers.
         return probes.to(self.request.reference.dtype).double()
 
@@ -135,16 +156,24 @@ class Verifier:
 
     def _gradients(self, name: str, x: torch.Tensor, rows: torch.Tensor, cot: torch.Tensor) -> tuple:
         """:math:`J^\\top c` for every cotangent ``c``, ``(m, o, P)`` in the model's dtype, and the outputs ``(r, k)``;
-        in chunks of ``chunk_size`` rows, as the kernel was, so memory stays bounded alike."""
+        in chunks of ``chunk_size`` rows, as the kernel was, so memory stays bounded alike.
+
+        Each chunk runs with one extra, unprobed input (a copy of the first probed row, with a zero
+        cotangent), so the batch the identity differentiates is never the one the kernel was computed
+        on: for a model within the contract the extra row changes nothing, while a model whose gradients
+        mix the batch (a batch statistic detached in the forward pass, which no output shows) then
+        differentiates another batch than the kernel's, and its kernel fails the identity."""
         request = self.request
         m, o = cot.shape[:2]
         total = None
         outputs = []
+        extra = rows[:1]
         for start, stop in ranges(len(rows), request.chunk_size):
-            out = apply(request.model, name, x[rows[start:stop].to(x.device)])
-            outputs.append(out.detach())
+            out = apply(request.model, name, x[torch.cat([rows[start:stop], extra]).to(x.device)])
+            outputs.append(out[:-1].detach())
             c = cot[:, :, start:stop].to(out.dtype).to(out.device)
-            grads = out.new_empty(m, o, sum(p.numel() for p in request.params))
+            c = torch.cat([c, c.new_zeros(m, o, 1, c.shape[-1])], dim=2)
+            grads = out.new_empty(m, o, request.num_params)
             for a in range(m):
                 for b in range(o):
                     last = (a, b) == (m - 1, o - 1)
@@ -157,16 +186,13 @@ class Verifier:
         if self._sides is None:
             request = self.request
             rows1 = self._rows(request.x1.shape[0])
-            probes1, probes2 = self._probes(len(rows1)), None
-            if request.symmetric:
-                probes2 = self._probes(len(rows1))
-                cot = torch.cat([self._cotangents(probes1), self._cotangents(probes2)])
-                grads, out1 = self._gradients("x1", request.x1, rows1, cot)
-                grads1, grads2, rows2 = grads[:PROBE_PAIRS], grads[PROBE_PAIRS:], rows1
-            else:
-                grads1, out1 = self._gradients("x1", request.x1, rows1, self._cotangents(probes1))
+            # With x2 = x1 one set of probes serves both sides: every pair (a, b), a = b included, is a check.
+            probes1 = self._probes(SYMMETRIC_PROBES if request.symmetric else PROBES, len(rows1))
+            grads1, out1 = self._gradients("x1", request.x1, rows1, self._cotangents(probes1))
+            rows2, probes2, grads2 = rows1, probes1, grads1
+            if not request.symmetric:
                 rows2 = self._rows(request.x2.shape[0])
-                probes2 = self._probes(len(rows2))
+                probes2 = self._probes(PROBES, len(rows2))
                 grads2, out2 = self._gradients("x2", request.x2, rows2, self._cotangents(probes2))
             self._check_batch("x1", request.x1, rows1, out1, True)
             if not request.symmetric:
@@ -175,11 +201,13 @@ class Verifier:
         return self._sides
 
     def _check_batch(self, name: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, again: bool) -> None:
-        """Outputs of single inputs against their rows of the batch, and (``again``) a second run."""
+        """Outputs of single inputs against their rows of the batch, the batch reordered against the batch,
+        and (``again``) a second run of one input against its first."""
         tol = math.sqrt(self.roundoff) * 2
         picks = [0, len(rows) - 1]
         if len(rows) > 2:
             picks.append(int(torch.randint(1, len(rows) - 1, (1,), generator=self.generator)))
+        order = torch.randperm(len(rows), generator=self.generator)
         model = self.request.model
         with torch.no_grad():
             if self.request.chunk_size is not None and self.request.chunk_size < len(rows):
@@ -187,25 +215,34 @@ class Verifier:
                 out = apply(model, name, x[rows.to(x.device)])
             scale = out.abs().pow(2).mean(0).sqrt()  # each output's size over the batch
             alone = {p: apply(model, name, x[int(rows[p]) : int(rows[p]) + 1])[0] for p in dict.fromkeys(picks)}
+            reordered = apply(model, name, x[rows[order].to(x.device)]) if len(rows) > 1 else out
             repeat = apply(model, name, x[int(rows[picks[-1]]) : int(rows[picks[-1]]) + 1])[0] if again else None
+
+        def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+            """The largest difference of two outputs, relative to each output's scale."""
+            return float(((a - b).abs() / torch.maximum(scale, b.abs()).clamp_min(1e-30)).max())
+
         for p, single in alone.items():
-            gap = float(((single - out[p]).abs() / torch.maximum(scale, out[p].abs()).clamp_min(1e-30)).max())
-            if gap > tol:
+            if gap(single, out[p]) > tol:
                 raise ValueError(
                     f"the model's output for input {int(rows[p])} of {name} run alone differs from its row in the "
-                    f"batch by {gap:.2g} of the output's scale: each input's output must depend on that input "
-                    "alone (no mixing across the batch, such as out - out.mean(0), softmax over dim 0 or a "
-                    "cumulative sum over inputs), or its NTK is not defined"
+                    f"batch by {gap(single, out[p]):.2g} of the output's scale: each input's output must depend on "
+                    "that input alone (no mixing across the batch, such as out - out.mean(0), softmax over dim 0 "
+                    "or a cumulative sum over inputs), or its NTK is not defined"
                 )
-        if repeat is not None:
-            single = alone[picks[-1]]
-            gap = float(((repeat - single).abs() / torch.maximum(scale, single.abs()).clamp_min(1e-30)).max())
-            if gap > tol:
-                raise ValueError(
-                    f"the model gives input {int(rows[picks[-1]])} of {name} outputs {gap:.2g} apart (of their "
-                    "scale) on two runs: it is random (dropout, RReLU or a noise layer in training mode), so its "
-                    "NTK changes from call to call; call model.eval() or make it deterministic"
-                )
+        if gap(reordered, out[order]) > tol:
+            raise ValueError(
+                f"the model's outputs on {name} change by {gap(reordered, out[order]):.2g} of their scale when the "
+                "batch is reordered: an input's output depends on its position in the batch or on its neighbours "
+                "(such as out[i] + out[i + 1], or a table indexed by batch position), so its NTK is not defined"
+            )
+        if repeat is not None and gap(repeat, alone[picks[-1]]) > tol:
+            raise ValueError(
+                f"the model gives input {int(rows[picks[-1]])} of {name} outputs "
+                f"{gap(repeat, alone[picks[-1]]):.2g} apart (of their scale) on two runs: it is random (dropout, "
+                "RReLU or a noise layer in training mode), so its NTK changes from call to call; call model.eval() "
+                "or make it deterministic"
+            )
 
     def summation_length(self, rows: int) -> int:
         """How many products the longest chain of sums behind one checked number adds up: the backward
@@ -255,7 +292,22 @@ class Verifier:
         ratio = float(((lhs - rhs).abs() / tau.clamp_min(torch.finfo(torch.float64).tiny)).max())
         self.last_ratio = ratio
         if not ratio <= 1.0:
+            # The loop differentiates the batch by the model's own autograd too, so when it fails the two
+            # differ only in which other inputs share the batch.
+            why = (
+                ": the loop's gradients and the check's differ only in which other inputs share the batch, so "
+                "the model's gradients mix inputs across the batch (a batch statistic detached in the forward "
+                "pass, say) and the per-input NTK is not defined"
+                if method == "loop"
+                else ""
+            )
             raise VerificationError(
                 f"method={method!r} gave a kernel that disagrees with the model's own autograd: on the probe "
-                f"identity u^T K v = <J1^T u, J2^T v> it is off by {ratio:.3g} times the rounding tolerance"
+                f"identity u^T K v = <J1^T u, J2^T v> it is off by {ratio:.3g} times the rounding tolerance{why}"
+                + (
+                    "; a float32 model whose gradients are ill-conditioned (large inputs into saturated units, "
+                    "say) has no kernel accurate to rounding in float32: compute it in float64 (model.double())"
+                    if self.request.reference.dtype != torch.float64
+                    else ""
+                )
             )
