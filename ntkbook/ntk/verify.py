@@ -81,7 +81,7 @@ import math
 import torch
 
 from ntkbook.ntk.blocks import ranges
-from ntkbook.ntk.features import GRAM_CHUNK
+from ntkbook.ntk.features import GRAM_CHUNK, float64_dots
 from ntkbook.ntk.grads import flat_gradient
 from ntkbook.ntk.request import Request, apply
 
@@ -106,19 +106,6 @@ def unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
         if torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32:
             return 2.0**-11
     return torch.finfo(dtype).eps / 2
-
-
-def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """All inner products of the rows of ``a`` (c1, P) and ``b`` (c2, P), in float64 on the CPU: partial
-    sums over chunks of ``GRAM_CHUNK`` entries in one batched product, added in float64, so the rounding
-    is that of a kernel entry (see :mod:`ntkbook.ntk.features`)."""
-    q = a.shape[1] // GRAM_CHUNK
-    whole = q * GRAM_CHUNK
-    head = torch.bmm(
-        a[:, :whole].reshape(a.shape[0], q, GRAM_CHUNK).transpose(0, 1),
-        b[:, :whole].reshape(b.shape[0], q, GRAM_CHUNK).permute(1, 2, 0),
-    )
-    return head.double().sum(0).cpu() + (a[:, whole:] @ b[:, whole:].T).double().cpu()
 
 
 class Verifier:
@@ -262,52 +249,67 @@ class Verifier:
         block = kernel[rows1.to(kernel.device)][:, rows2.to(kernel.device)].double().cpu()
         m, o = grads1.shape[:2]
         # All inner products <J1^T c, J2^T c'> by the pairwise Gram (rounding like a kernel entry's).
-        dots = _dots(grads1.reshape(m * o, -1), grads2.reshape(m * o, -1)).reshape(m, o, m, o)
+        dots = float64_dots(grads1.reshape(m * o, -1), grads2.reshape(m * o, -1)).reshape(m, o, m, o)
         norms1, norms2 = grads1.norm(dim=2).double().cpu(), grads2.norm(dim=2).double().cpu()
-        full = block.ndim == 4 or (block.ndim == 2 and self.request.k == 1)
         if block.ndim == 2 and self.request.k == 1:
             block = block[:, :, None, None]
-        if full:
-            lhs = torch.einsum("aio,ijop,bjp->ab", probes1, block, probes2)[..., None]
-            rhs = dots.sum(dim=(1, 3))[..., None]
-            grad_scale = norms1.pow(2).sum(1).sqrt()[:, None] * norms2.pow(2).sum(1).sqrt()[None, :]
-            probe_scale = probes1.norm(dim=(1, 2))[:, None] * probes2.norm(dim=(1, 2))[None, :]
-            rms = block.pow(2).mean().sqrt()
-            tau = (rho * (grad_scale + probe_scale * rms))[..., None]
-        elif block.ndim == 3:  # diagonal: one identity per output
-            lhs = torch.einsum("aio,ijo,bjo->abo", probes1, block, probes2)
-            rhs = torch.diagonal(dots, dim1=1, dim2=3)
-            grad_scale = norms1[:, None] * norms2[None, :]
-            probe_scale = probes1.norm(dim=1)[:, None] * probes2.norm(dim=1)[None, :]
-            rms = block.pow(2).mean(dim=(0, 1)).sqrt()
-            tau = rho * (grad_scale + probe_scale * rms)
-        else:  # trace: the outputs' identities summed
-            u, v = probes1[:, :, 0], probes2[:, :, 0]
-            lhs = (u @ block @ v.T)[..., None]
-            rhs = torch.diagonal(dots, dim1=1, dim2=3).sum(-1)[..., None]
-            grad_scale = (norms1[:, None] * norms2[None, :]).sum(-1)
-            probe_scale = u.norm(dim=1)[:, None] * v.norm(dim=1)[None, :]
-            rms = block.pow(2).mean().sqrt()
-            tau = (rho * (grad_scale + probe_scale * rms))[..., None]
+        lhs, rhs, grad_scale, probe_scale, rms = _identity_terms(block, probes1, probes2, dots, norms1, norms2)
+        tau = rho * (grad_scale + probe_scale * rms)
         ratio = float(((lhs - rhs).abs() / tau.clamp_min(torch.finfo(torch.float64).tiny)).max())
         self.last_ratio = ratio
         if not ratio <= 1.0:
-            # The loop differentiates the batch by the model's own autograd too, so when it fails the two
-            # differ only in which other inputs share the batch.
-            why = (
-                ": the loop's gradients and the check's differ only in which other inputs share the batch, so "
-                "the model's gradients mix inputs across the batch (a batch statistic detached in the forward "
-                "pass, say) and the per-input NTK is not defined"
-                if method == "loop"
-                else ""
-            )
-            raise VerificationError(
-                f"method={method!r} gave a kernel that disagrees with the model's own autograd: on the probe "
-                f"identity u^T K v = <J1^T u, J2^T v> it is off by {ratio:.3g} times the rounding tolerance{why}"
-                + (
-                    "; a float32 model whose gradients are ill-conditioned (large inputs into saturated units, "
-                    "say) has no kernel accurate to rounding in float32: compute it in float64 (model.double())"
-                    if self.request.reference.dtype != torch.float64
-                    else ""
-                )
-            )
+            raise VerificationError(_failure(method, ratio, self.request.reference.dtype))
+
+
+def _identity_terms(
+    block: torch.Tensor,
+    probes1: torch.Tensor,
+    probes2: torch.Tensor,
+    dots: torch.Tensor,
+    norms1: torch.Tensor,
+    norms2: torch.Tensor,
+) -> tuple:
+    """Both sides of the identity for every probe pair ``(a, b)`` and output identity ``c``, each
+    ``(m1, m2, c)``: :math:`u_a^\\top \\hat\\Theta v_b`, :math:`\\langle J_1^\\top u_a, J_2^\\top v_b\\rangle`, the
+    Cauchy–Schwarz scale, :math:`\\|u_a\\| \\|v_b\\|` and the kernel's rms. ``block`` is ``(r1, r2, k, k)`` in
+    full mode, ``(r1, r2, k)`` diagonal (one identity per output), ``(r1, r2)`` trace (the outputs' identities
+    summed, one probe per input)."""
+    if block.ndim == 4:
+        lhs = torch.einsum("aio,ijop,bjp->ab", probes1, block, probes2)[..., None]
+        rhs = dots.sum(dim=(1, 3))[..., None]
+        grad_scale = (norms1.pow(2).sum(1).sqrt()[:, None] * norms2.pow(2).sum(1).sqrt()[None, :])[..., None]
+        probe_scale = (probes1.norm(dim=(1, 2))[:, None] * probes2.norm(dim=(1, 2))[None, :])[..., None]
+        return lhs, rhs, grad_scale, probe_scale, block.pow(2).mean().sqrt()
+    if block.ndim == 3:
+        lhs = torch.einsum("aio,ijo,bjo->abo", probes1, block, probes2)
+        rhs = torch.diagonal(dots, dim1=1, dim2=3)
+        grad_scale = norms1[:, None] * norms2[None, :]
+        probe_scale = probes1.norm(dim=1)[:, None] * probes2.norm(dim=1)[None, :]
+        return lhs, rhs, grad_scale, probe_scale, block.pow(2).mean(dim=(0, 1)).sqrt()
+    u, v = probes1[:, :, 0], probes2[:, :, 0]
+    lhs = (u @ block @ v.T)[..., None]
+    rhs = torch.diagonal(dots, dim1=1, dim2=3).sum(-1)[..., None]
+    grad_scale = (norms1[:, None] * norms2[None, :]).sum(-1)[..., None]
+    probe_scale = (u.norm(dim=1)[:, None] * v.norm(dim=1)[None, :])[..., None]
+    return lhs, rhs, grad_scale, probe_scale, block.pow(2).mean().sqrt()
+
+
+def _failure(method: str, ratio: float, dtype: torch.dtype) -> str:
+    """The message of a failed check: the discrepancy, and what it means where that is known."""
+    message = (
+        f"method={method!r} gave a kernel that disagrees with the model's own autograd: on the probe identity "
+        f"u^T K v = <J1^T u, J2^T v> it is off by {ratio:.3g} times the rounding tolerance"
+    )
+    if method == "loop":
+        # The loop differentiates the batch by the model's own autograd too: the two differ only in the batch.
+        message += (
+            ": the loop's gradients and the check's differ only in which other inputs share the batch, so the "
+            "model's gradients mix inputs across the batch (a batch statistic detached in the forward pass, say) "
+            "and the per-input NTK is not defined"
+        )
+    if dtype != torch.float64:
+        message += (
+            "; a float32 model whose gradients are ill-conditioned (large inputs into saturated units, say) has "
+            "no kernel accurate to rounding in float32: compute it in float64 (model.double())"
+        )
+    return message
