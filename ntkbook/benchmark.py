@@ -10,7 +10,7 @@ batch with parameter gradients, ``model(x).sum().backward()``: any method that n
 gradients pays at least for a pass like it. A case whose :func:`~ntkbook.ntk.memory_estimate` exceeds
 the free memory is reported as not fitting rather than run.
 
-Introduced in chapter 2 (:doc:`/chapters/02_torch_func`).
+Introduced in chapter 6 (:doc:`/chapters/06_torch_func`).
 """
 
 from __future__ import annotations

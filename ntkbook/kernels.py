@@ -13,7 +13,7 @@ The arc-cosine kernels of degree 0 and 1 (Cho & Saul 2009) are the building bloc
     \\kappa_0(u) = \\frac{\\pi - \\arccos u}{\\pi}, \\qquad
     \\kappa_1(u) = \\frac{u(\\pi - \\arccos u) + \\sqrt{1 - u^2}}{\\pi}.
 
-Introduced in chapter 3 (:doc:`/chapters/03_arccos_kernel`).
+Introduced in chapter 2 (:doc:`/chapters/02_arccos_kernel`).
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def relu_nngp(
     Returns:
         Tensor of shape ``(n1, n2)`` in the dtype and on the device of ``x1``.
 
-    Introduced in chapter 3 (:doc:`/chapters/03_arccos_kernel`).
+    Introduced in chapter 2 (:doc:`/chapters/02_arccos_kernel`).
     """
     return _relu_recursion(x1, x2, depth, weight_std, bias_std)[0]
 
@@ -224,7 +224,7 @@ def relu_ntk(
     Returns:
         Tensor of shape ``(n1, n2)`` in the dtype and on the device of ``x1``.
 
-    Introduced in chapter 3 (:doc:`/chapters/03_arccos_kernel`).
+    Introduced in chapter 2 (:doc:`/chapters/02_arccos_kernel`).
     """
     return _relu_recursion(x1, x2, depth, weight_std, bias_std)[1]
 
@@ -262,7 +262,7 @@ def mc_relu_ntk(
     Returns:
         ``(estimate, standard_error)``, each of shape ``(n1, n2)`` in the dtype of ``x1``.
 
-    Introduced in chapter 3 (:doc:`/chapters/03_arccos_kernel`).
+    Introduced in chapter 2 (:doc:`/chapters/02_arccos_kernel`).
     """
     x1, x2 = _check_pair(x1, x2)
     num_samples = positive_int("num_samples", num_samples)
@@ -342,7 +342,7 @@ def hadamard_nngp(
     Returns:
         Tensor of shape ``(n1, n2)`` in the dtype and on the device of ``x1``.
 
-    Introduced in chapter 4 (:doc:`/chapters/04_hadamard`).
+    Introduced in chapter 8 (:doc:`/chapters/08_hadamard`).
     """
     _, relu_cov, _, var_w, var_b = _hadamard_terms(x1, x2, weight_std, bias_std)
     return var_w * relu_cov**2 + var_b
@@ -377,7 +377,7 @@ def hadamard_ntk(
     Returns:
         Tensor of shape ``(n1, n2)`` in the dtype and on the device of ``x1``.
 
-    Introduced in chapter 4 (:doc:`/chapters/04_hadamard`).
+    Introduced in chapter 8 (:doc:`/chapters/08_hadamard`).
     """
     cross, relu_cov, derivative_cov, var_w, var_b = _hadamard_terms(x1, x2, weight_std, bias_std)
     return var_w * relu_cov**2 + var_b + 2 * var_w * relu_cov * derivative_cov * cross

@@ -6,7 +6,7 @@
 training inputs obey :math:`r_{t+1} = (I - \\tfrac{2\\eta}{n\\alpha^2}\\Theta)\\, r_t` exactly, which
 :func:`ntk_predict` evaluates in closed form.
 
-Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Linearized(nn.Module):
     gives :math:`f(x;\\theta_0)` and :math:`J\\,(\\theta - \\theta_0)` together; memory stays that of a
     forward pass, time is a small multiple of it. The trainable parameters :math:`\\theta` live in
     ``self.module``, a copy of the model started at :math:`\\theta_0`; :math:`\\theta_0` is kept in
-    buffers. Lee et al. (2019); introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    buffers. Lee et al. (2019); introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -96,7 +96,7 @@ class Centered(nn.Module):
     :math:`\\theta_0` in buffers. The output starts at exactly zero, so scaling it by :math:`\\alpha`
     (:class:`Scaled`) changes the speed of training but not the initial function; the NTK is
     unchanged, because :math:`f(x;\\theta_0)` does not depend on :math:`\\theta`. Chizat et al. (2019);
-    introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -124,8 +124,8 @@ class Scaled(nn.Module):
 
     The NTK scales by :math:`\\alpha^2`; train it with ``train(..., alpha=alpha)`` so that the loss is
     divided by :math:`\\alpha^2` and the function moves at an :math:`\\alpha`-independent speed while
-    the parameters move :math:`\\alpha` times less (Chizat et al. 2019). Introduced in chapter 5
-    (:doc:`/chapters/05_lazy_training`).
+    the parameters move :math:`\\alpha` times less (Chizat et al. 2019). Introduced in chapter 3
+    (:doc:`/chapters/03_lazy_training`).
     """
 
     def __init__(self, model: nn.Module, alpha: float) -> None:
@@ -145,7 +145,7 @@ class Scaled(nn.Module):
 def linearize(model: nn.Module) -> Linearized:
     """The linearisation of ``model`` around its current parameters, a trainable copy (see :class:`Linearized`).
 
-    ``model`` itself is neither modified nor shared. Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    ``model`` itself is neither modified nor shared. Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
     return Linearized(model)
 
@@ -153,7 +153,7 @@ def linearize(model: nn.Module) -> Linearized:
 def centered(model: nn.Module) -> Centered:
     """``model`` minus its output at the current parameters (see :class:`Centered`); shares ``model``'s parameters.
 
-    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
     return Centered(model)
 
@@ -161,7 +161,7 @@ def centered(model: nn.Module) -> Centered:
 def scaled(model: nn.Module, alpha: float) -> Scaled:
     """``alpha`` times ``model`` (see :class:`Scaled`); shares ``model``'s parameters.
 
-    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
     return Scaled(model, alpha)
 
@@ -173,7 +173,7 @@ class NTKPrediction:
     - ``train``: outputs on the training inputs, shape ``(n,)`` for an int ``steps`` or ``(len(steps), n)``.
     - ``test``: outputs on the test inputs, ``(m,)`` or ``(len(steps), m)``; ``None`` without test inputs.
 
-    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
 
     train: torch.Tensor
@@ -275,7 +275,7 @@ def ntk_predict(
     Returns:
         An :class:`NTKPrediction`; outputs are flat, ``(n,)``/``(m,)`` per step.
 
-    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
     kernel = _check_kernel("kernel", kernel)
     n = kernel.shape[0]
@@ -331,7 +331,7 @@ def critical_lr(kernel: torch.Tensor, *, alpha: float = 1.0) -> float:
     Gradient descent (:func:`~ntkbook.training.train` with the same ``alpha``) multiplies the residual's
     component along each eigenvector of ``kernel``, the symmetric NTK ``(n, n)`` on the training inputs,
     by :math:`1 - 2\\,\\mathrm{lr}\\,\\lambda/(n\\alpha^2)`, which exceeds 1 in magnitude when ``lr``
-    passes this value. Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    passes this value. Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
     kernel = _check_kernel("kernel", kernel)
     alpha = positive_float("alpha", alpha)

@@ -60,6 +60,8 @@ def plot_kernel(
 ) -> AxesImage:
     """Draw an ``(n1, n2)`` kernel matrix as a heat map with a labelled colour bar.
 
+    The labels are matplotlib mathtext: by default the colour bar reads :math:`\\Theta(x_i, x_j)` and
+    the axes "input index :math:`j`" and "input index :math:`i`".
     ``symmetric_colors=True`` centres a diverging colour scale on zero, for differences of kernels.
     Returns the image so callers can adjust it.
     """

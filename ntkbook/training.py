@@ -13,7 +13,7 @@ descent takes :math:`\\theta_{t+1} = \\theta_t - \\eta\\, \\nabla L(\\theta_t)` 
 :math:`r_t = f_t(X) - Y` then obey :math:`r_{t+1} = (I - \\tfrac{2\\eta}{n\\alpha^2}\\Theta)\\, r_t` exactly,
 which :func:`~ntkbook.linearized.ntk_predict` evaluates in closed form.
 
-Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class DivergenceError(FloatingPointError, ValueError):
 
     ``step`` is the first step whose loss is not finite and ``history`` holds the steps before it.
     It is a :class:`ValueError` too, because the cure is a different ``lr`` argument. Introduced in
-    chapter 5 (:doc:`/chapters/05_lazy_training`).
+    chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
 
     def __init__(self, message: str, step: int, history: History) -> None:
@@ -61,7 +61,7 @@ class History:
     - ``initial_norm``: :math:`\\lVert\\theta_0\\rVert`, so ``relative_change * initial_norm`` is the distance travelled.
     - ``ntk``: ``{step: kernel}``, empirical NTKs ``(n, n)`` on the training inputs, when ``ntk_every`` was set.
 
-    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
 
     loss: torch.Tensor
@@ -116,7 +116,7 @@ def train(
     Raises:
         DivergenceError: the loss became NaN or infinite; it names the step and suggests a smaller ``lr``.
 
-    Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
+    Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
     """
     params = trainable_parameters(model, "there is nothing to train")
     x = check_batch("x", x, params[0])

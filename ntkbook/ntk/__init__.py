@@ -24,8 +24,8 @@ The methods differ only in how they avoid paying for that product (Novak, Sohl-D
 
 Whatever the method, the kernel is verified before it is returned (``ntkbook.ntk.verify``, below).
 
-Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`); the methods, modes and chunking in chapter 2
-(:doc:`/chapters/02_torch_func`).
+Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`); the methods, modes and chunking in chapter 6
+(:doc:`/chapters/06_torch_func`).
 
 The package's modules: ``request`` (the checked call), ``features`` (per-input features and their Grams),
 ``blocks`` (the block grid and exact symmetry), ``loop``, ``jacobian``, ``implicit`` and ``structured``
@@ -66,7 +66,7 @@ def memory_estimate(
     non-dense layer. All add the kernel itself, :math:`n_1 n_2 k^2 b` in full mode. ``method="auto"``
     is not accepted: ask about the method it would pick.
 
-    Introduced in chapter 2 (:doc:`/chapters/02_torch_func`).
+    Introduced in chapter 6 (:doc:`/chapters/06_torch_func`).
     """
     request = make_request(model, x1, x2, method, mode, chunk_size)
     if method == "auto":

@@ -1,5 +1,5 @@
 """Method ``"implicit"``: NTK-vector products :math:`\\Theta e = J_1 (J_2^\\top e)`, a vjp then a jvp;
-:math:`J_1` is never formed (chapter 2)."""
+:math:`J_1` is never formed (chapter 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Method ``"jacobian"``: ``vmap(jacrev)`` over inputs, then one Gram per parameter tensor (chapter 2)."""
+"""Method ``"jacobian"``: ``vmap(jacrev)`` over inputs, then one Gram per parameter tensor (chapter 6)."""
 
 from __future__ import annotations
 

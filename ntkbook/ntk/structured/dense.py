@@ -9,7 +9,7 @@ For :math:`z = s W a + s_b b` the gradient of output :math:`f_c` is
     \\Theta^{(l)}_{ab}(x, x') = \\langle g_a, g'_b \\rangle \\big(s^2 \\langle a, a' \\rangle + s_b^2\\big),
 
 a Gram of output gradients times a Gram of inputs: ``n x n`` products of length ``width``, never a
-``(n, k, width x width)`` Jacobian. This is the code chapter 2 shows.
+``(n, k, width x width)`` Jacobian. This is the code chapter 6 shows.
 """
 
 from __future__ import annotations
