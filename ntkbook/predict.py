@@ -207,7 +207,8 @@ def ntk_gp_predict(
     :math:`\\frac{d}{dt} f_t(X) = -\\gamma\\,\\Theta\\,(f_t(X) - Y)` with :math:`\\gamma = 2\\eta/(nk)` and
     ``t`` counted in steps, so ``train(steps=t, lr=learning_rate)`` approaches this prediction as the width
     grows (up to the difference between :math:`(1 - \\gamma\\lambda)^t` and :math:`e^{-\\gamma\\lambda t}`,
-    at most :math:`t(\\gamma\\lambda)^2/(1-\\gamma\\lambda)` per eigenvalue, and zero at ``t = None``).
+    at most :math:`t(\\gamma\\lambda)^2/(1-\\gamma\\lambda)` per eigenvalue with :math:`\\gamma\\lambda < 1`,
+    and zero at ``t = None``).
     The network's initial function is a draw :math:`f_0 \\sim \\mathcal{GP}(0, \\mathcal K)` from the NNGP,
     and with :math:`A = \\Theta(x_*, X)\\,\\Theta^{-1}(I - e^{-\\gamma\\Theta t})` ``(m, n)``,
 
