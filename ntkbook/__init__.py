@@ -3,7 +3,8 @@
 Modules: :mod:`ntkbook.models` (networks in the NTK and standard parameterisations),
 :mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.kernels` (analytic
 infinite-width kernels), :mod:`ntkbook.training` (gradient descent), :mod:`ntkbook.linearized`
-(linearised, centred and scaled models, and NTK predictions) and :mod:`ntkbook.plotting` (the book's
+(linearised, centred and scaled models, and NTK predictions), :mod:`ntkbook.predict` (the NNGP
+posterior and the trained infinite ensemble) and :mod:`ntkbook.plotting` (the book's
 figure style).
 """
 
@@ -15,12 +16,14 @@ from ntkbook.kernels import hadamard_nngp, hadamard_ntk, kappa0, kappa1, mc_relu
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
 from ntkbook.ntk import empirical_ntk
 from ntkbook.linearized import centered, critical_lr, linearize, ntk_predict, scaled
+from ntkbook.predict import GaussianPrediction, nngp_predict, ntk_gp_predict
 from ntkbook.training import DivergenceError, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DivergenceError",
+    "GaussianPrediction",
     "HadamardNet",
     "NTKLinear",
     "TwoLayerNet",
@@ -36,6 +39,8 @@ __all__ = [
     "linearize",
     "mc_relu_ntk",
     "mlp",
+    "nngp_predict",
+    "ntk_gp_predict",
     "ntk_predict",
     "relu_nngp",
     "relu_ntk",

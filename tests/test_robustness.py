@@ -27,7 +27,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ntkbook  # noqa: E402
-from ntkbook import benchmark, kernels, linearized, models, ntk, plotting, training  # noqa: E402
+from ntkbook import benchmark, kernels, linearized, models, ntk, plotting, predict, training  # noqa: E402
 
 PROPERTIES = settings(derandomize=True, max_examples=15, deadline=None, database=None)
 
@@ -642,6 +642,171 @@ TRAINING_CASES: list[Bad] = [
     ),
 ]
 
+
+def _posterior(**overrides: object) -> object:
+    args = {
+        "nngp_train": _gram(),
+        "nngp_test_train": _gram()[:3],
+        "y_train": _y().double(),
+        "nngp_test": _gram()[:3, :3],
+    } | overrides
+    return predict.nngp_predict(**args)
+
+
+def _ensemble(**overrides: object) -> object:
+    args = {
+        "ntk_train": _gram(),
+        "ntk_test_train": _gram()[:3],
+        "y_train": _y().double(),
+        "nngp_train": _gram(),
+        "nngp_test_train": _gram()[:3],
+        "nngp_test": _gram()[:3, :3],
+    } | overrides
+    return predict.ntk_gp_predict(**args)
+
+
+def _not_psd() -> torch.Tensor:
+    """Symmetric, with one eigenvalue -0.5 and the others positive."""
+    return _gram() - (float(torch.linalg.eigvalsh(_gram())[0]) + 0.5) * torch.eye(4, dtype=torch.float64)
+
+
+PREDICT_CASES: list[Bad] = [
+    Bad("predict.nngp_predict", "nngp_train a list", lambda: _posterior(nngp_train=[[1.0]]), TypeError, "nngp_train"),
+    Bad(
+        "predict.nngp_predict",
+        "nngp_train not square",
+        lambda: _posterior(nngp_train=_gram()[:3]),
+        ValueError,
+        "nngp_train",
+    ),
+    Bad(
+        "predict.nngp_predict",
+        "nngp_train not symmetric",
+        lambda: _posterior(nngp_train=_cross()),
+        ValueError,
+        "nngp_train",
+    ),
+    Bad(
+        "predict.nngp_predict",
+        "nngp_train not PSD",
+        lambda: _posterior(nngp_train=_not_psd()),
+        ValueError,
+        "nngp_train",
+    ),
+    Bad(
+        "predict.nngp_predict",
+        "nngp_train singular",
+        lambda: _posterior(nngp_train=torch.ones(4, 4, dtype=torch.float64)),
+        ValueError,
+        "diag_reg",
+    ),
+    Bad(
+        "predict.nngp_predict",
+        "nngp_train NaN",
+        lambda: _posterior(nngp_train=_gram().fill_diagonal_(NAN)),
+        ValueError,
+        "nngp_train",
+    ),
+    Bad(
+        "predict.nngp_predict",
+        "nngp_test_train wrong width",
+        lambda: _posterior(nngp_test_train=_gram()[:3, :2]),
+        ValueError,
+        "nngp_test_train",
+    ),
+    Bad(
+        "predict.nngp_predict",
+        "nngp_test_train float32",
+        lambda: _posterior(nngp_test_train=_gram()[:3].float()),
+        TypeError,
+        "nngp_test_train",
+    ),
+    Bad(
+        "predict.nngp_predict",
+        "y_train wrong length",
+        lambda: _posterior(y_train=_y(3).double()),
+        ValueError,
+        "y_train",
+    ),
+    Bad("predict.nngp_predict", "y_train 3-d", lambda: _posterior(y_train=_gram()[:, :, None]), ValueError, "y_train"),
+    Bad(
+        "predict.nngp_predict",
+        "y_train inf",
+        lambda: _posterior(y_train=torch.tensor([1.0, INF, 0.0, 0.0], dtype=torch.float64)),
+        ValueError,
+        "y_train",
+    ),
+    Bad("predict.nngp_predict", "y_train an array", lambda: _posterior(y_train=np.zeros(4)), TypeError, "y_train"),
+    Bad("predict.nngp_predict", "nngp_test wrong size", lambda: _posterior(nngp_test=_gram()), ValueError, "nngp_test"),
+    Bad("predict.nngp_predict", "diag_reg negative", lambda: _posterior(diag_reg=-0.1), ValueError, "diag_reg"),
+    Bad("predict.nngp_predict", "diag_reg a string", lambda: _posterior(diag_reg="0.1"), TypeError, "diag_reg"),
+    Bad(
+        "predict.ntk_gp_predict",
+        "ntk_train not symmetric",
+        lambda: _ensemble(ntk_train=_cross()),
+        ValueError,
+        "ntk_train",
+    ),
+    Bad(
+        "predict.ntk_gp_predict", "ntk_train not PSD", lambda: _ensemble(ntk_train=_not_psd()), ValueError, "ntk_train"
+    ),
+    Bad(
+        "predict.ntk_gp_predict",
+        "ntk_train singular at t = None",
+        lambda: _ensemble(ntk_train=torch.ones(4, 4, dtype=torch.float64)),
+        ValueError,
+        "diag_reg",
+    ),
+    Bad(
+        "predict.ntk_gp_predict",
+        "ntk_train on the meta device",
+        lambda: _ensemble(ntk_train=_gram().to(META)),
+        ValueError,
+        "ntk_train",
+    ),
+    Bad(
+        "predict.ntk_gp_predict",
+        "ntk_test_train wrong width",
+        lambda: _ensemble(ntk_test_train=_gram()[:3, :2]),
+        ValueError,
+        "ntk_test_train",
+    ),
+    Bad("predict.ntk_gp_predict", "y_train float32", lambda: _ensemble(y_train=_y()), TypeError, "y_train"),
+    Bad(
+        "predict.ntk_gp_predict",
+        "only two NNGP blocks",
+        lambda: _ensemble(nngp_test=None),
+        ValueError,
+        "nngp_test",
+    ),
+    Bad(
+        "predict.ntk_gp_predict",
+        "nngp_train of another size",
+        lambda: _ensemble(nngp_train=_gram()[:3, :3]),
+        ValueError,
+        "nngp_train",
+    ),
+    Bad(
+        "predict.ntk_gp_predict",
+        "nngp_test_train of another test count",
+        lambda: _ensemble(nngp_test_train=_gram()[:2]),
+        ValueError,
+        "nngp_test_train",
+    ),
+    Bad(
+        "predict.ntk_gp_predict",
+        "nngp_test not symmetric",
+        lambda: _ensemble(nngp_test=_cross()[:3, :3]),
+        ValueError,
+        "nngp_test",
+    ),
+    Bad("predict.ntk_gp_predict", "t negative", lambda: _ensemble(t=-1.0), ValueError, "t must"),
+    Bad("predict.ntk_gp_predict", "t infinite", lambda: _ensemble(t=INF), ValueError, "t must"),
+    Bad("predict.ntk_gp_predict", "t a string", lambda: _ensemble(t="10"), TypeError, "t must"),
+    Bad("predict.ntk_gp_predict", "learning_rate 0", lambda: _ensemble(learning_rate=0.0), ValueError, "learning_rate"),
+    Bad("predict.ntk_gp_predict", "diag_reg NaN", lambda: _ensemble(diag_reg=NAN), ValueError, "diag_reg"),
+]
+
 BENCHMARK_CASES: list[Bad] = [
     Bad(
         "benchmark.build_case", "width 0", lambda: benchmark.build_case(0, 4, torch.device("cpu")), ValueError, "width"
@@ -684,12 +849,12 @@ BENCHMARK_CASES: list[Bad] = [
     ),
 ]
 
-BAD_INPUT += TRAINING_CASES + BENCHMARK_CASES
+BAD_INPUT += TRAINING_CASES + PREDICT_CASES + BENCHMARK_CASES
 
 # Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
 NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main"}
-# Result containers that ntkbook's own functions fill in (train, ntk_predict), never built by readers.
-NOT_CALLED_BY_USERS = {"training.History", "linearized.NTKPrediction"}
+# Result containers that ntkbook's own functions fill in (train, ntk_predict, nngp_predict), never built by readers.
+NOT_CALLED_BY_USERS = {"training.History", "linearized.NTKPrediction", "predict.GaussianPrediction"}
 
 
 def public_callables() -> set[str]:
