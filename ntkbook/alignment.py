@@ -1,6 +1,6 @@
 """Kernel–target alignment: how well a kernel's geometry matches the targets it is asked to fit.
 
-Introduced in chapter 5 of part "Training" (:doc:`/chapters/05_feature_learning`).
+Introduced in the chapter on feature learning (:doc:`/chapters/05_feature_learning`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ with :math:`W` and :math:`b` the trainable parameters (no bias parameter when :m
 ``parameterization="mup"`` is the maximal-update parameterisation of Yang & Hu (2021) for SGD, whose
 multipliers and initial variances depend on the layer's place in the network (:class:`MuPLinear`).
 
-Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`); μP in chapter 5 of part "Training"
+Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`); μP in the chapter on feature learning
 (:doc:`/chapters/05_feature_learning`).
 """
 
@@ -251,7 +251,7 @@ def mlp(
     - biases of the input and hidden layers: multiplier :math:`\\sigma_b\\sqrt m`, :math:`\\mathcal N(0, 1/m)`;
       the readout's bias: multiplier :math:`\\sigma_b`, :math:`\\mathcal N(0, 1)`.
 
-    :func:`~ntkbook.training.train` trains it unchanged; chapter 5 of part "Training"
+    :func:`~ntkbook.training.train` trains it unchanged; the chapter on feature learning
     (:doc:`/chapters/05_feature_learning`) shows its features move at every width.
     """
     input_dim, width, depth, output_dim = _check_dims(

@@ -1,7 +1,7 @@
 """The maximal-update parameterisation (μP) of Yang & Hu (2021) for SGD: one dense layer.
 
 :func:`ntkbook.models.mlp` and :func:`ntkbook.models.dense` build networks from it with
-``parameterization="mup"``. Introduced in chapter 5 of part "Training" (:doc:`/chapters/05_feature_learning`).
+``parameterization="mup"``. Introduced in the chapter on feature learning (:doc:`/chapters/05_feature_learning`).
 """
 
 from __future__ import annotations

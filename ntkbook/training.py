@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 import sys
 import warnings
-from dataclasses import dataclass, field
-import numbers
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
