@@ -12,7 +12,7 @@ with :math:`W` and :math:`b` the trainable parameters (no bias parameter when :m
 ``parameterization="standard"`` is PyTorch's ``nn.Linear`` with its own initialisation,
 :math:`W_{ij}, b_i \\sim \\mathcal U(-1/\\sqrt{d}, 1/\\sqrt{d})`.
 ``parameterization="mup"`` is the maximal-update parameterisation of Yang & Hu (2021) for SGD, whose
-multipliers and initial variances depend on the layer's place in the network (:class:`MuPLinear`).
+multipliers and initial variances depend on the layer's place in the network (:class:`~ntkbook.mup.MuPLinear`).
 
 Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`); μP in the chapter on feature learning
 (:doc:`/chapters/05_feature_learning`).
@@ -30,7 +30,7 @@ from ntkbook._checks import generator as check_generator
 from ntkbook._checks import positive_int, std
 from ntkbook.mup import LayerRole, MuPLinear
 
-#: The parameterisations: ``"ntk"`` (Jacot et al.), ``"standard"`` (PyTorch) and ``"mup"`` (Yang & Hu).
+#: The parameterisations every network takes, ``"ntk"`` (Jacot et al.), ``"standard"`` (PyTorch) or ``"mup"``.
 Parameterization = Literal["ntk", "standard", "mup"]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -118,7 +118,7 @@ def dense(
 ) -> nn.Module:
     """One dense layer in the requested parameterisation.
 
-    ``"ntk"`` returns an :class:`NTKLinear`. ``"mup"`` returns a :class:`MuPLinear`, which needs
+    ``"ntk"`` returns an :class:`NTKLinear`. ``"mup"`` returns a :class:`~ntkbook.mup.MuPLinear`, which needs
     ``layer`` (``"input"``, ``"hidden"`` or ``"output"``): in μP the scaling depends on where the layer
     sits. ``"standard"`` returns ``nn.Linear(in_features, out_features)`` initialised as PyTorch does
     (uniform on :math:`\\pm 1/\\sqrt{d_{in}}` for the weight and the bias) but from ``generator``;
@@ -238,7 +238,7 @@ def mlp(
     and a linear readout; maps ``(n, input_dim)`` to ``(n, output_dim)``. Every layer, readout
     included, uses the same ``parameterization``, ``weight_std`` and ``bias_std`` (see :func:`dense`).
 
-    With ``parameterization="mup"`` the layers are :class:`MuPLinear`: the first is μP's input layer,
+    With ``parameterization="mup"`` the layers are :class:`~ntkbook.mup.MuPLinear`: the first is μP's input layer,
     the ``depth - 1`` in between are hidden layers and the last is the readout, with the multipliers
     and initial variances of Yang & Hu (2021), Table 3, for SGD with one global learning rate
     (:math:`m` = ``width``, :math:`d` = ``input_dim``):

@@ -15,7 +15,7 @@ from torch import nn
 from ntkbook._checks import generator as check_generator
 from ntkbook._checks import positive_int, std
 
-#: Where a μP layer sits: it maps the input to the width, the width to the width, or the width to the output.
+#: Where a μP layer sits, mapping the input to the width, the width to the width, or the width to the output.
 LayerRole = Literal["input", "hidden", "output"]
 
 

@@ -18,14 +18,14 @@ Introduced in chapter 5 (:doc:`/chapters/05_lazy_training`).
 
 from __future__ import annotations
 
+import collections.abc
 import importlib.util
 import math
 import numbers
 import sys
 import warnings
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
@@ -220,7 +220,7 @@ def _check_callback(
         return None
     if callback is None:
         raise ValueError("callback_steps was given without a callback to call at those steps")
-    if isinstance(callback_steps, (str, bytes)) or not isinstance(callback_steps, Iterable):
+    if isinstance(callback_steps, (str, bytes)) or not isinstance(callback_steps, collections.abc.Iterable):
         raise TypeError(f"callback_steps must be an iterable of ints, got {type(callback_steps).__name__}")
     chosen = list(callback_steps)
     for step in chosen:
