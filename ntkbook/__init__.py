@@ -1,6 +1,7 @@
 """ntkbook: Neural Tangent Kernels in PyTorch, the helper package of the ntkbook executable book.
 
-Modules: :mod:`ntkbook.models` (networks in the NTK and standard parameterisations),
+Modules: :mod:`ntkbook.models` (networks in the NTK, standard and μP parameterisations; :mod:`ntkbook.mup`
+holds the μP layer), :mod:`ntkbook.alignment` (kernel–target alignment),
 :mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.kernels` (analytic
 infinite-width kernels), :mod:`ntkbook.training` (gradient descent), :mod:`ntkbook.linearized`
 (linearised, centred and scaled models, and NTK predictions), :mod:`ntkbook.predict` (the NNGP
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ntkbook.alignment import kernel_alignment
 from ntkbook.kernels import hadamard_nngp, hadamard_ntk, kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
+from ntkbook.mup import MuPLinear
 from ntkbook.ntk import empirical_ntk
 from ntkbook.linearized import centered, critical_lr, linearize, ntk_predict, scaled
 from ntkbook.predict import GaussianPrediction, nngp_predict, ntk_gp_predict
@@ -25,6 +28,7 @@ __all__ = [
     "DivergenceError",
     "GaussianPrediction",
     "HadamardNet",
+    "MuPLinear",
     "NTKLinear",
     "TwoLayerNet",
     "centered",
@@ -36,6 +40,7 @@ __all__ = [
     "hadamard_ntk",
     "kappa0",
     "kappa1",
+    "kernel_alignment",
     "linearize",
     "mc_relu_ntk",
     "mlp",

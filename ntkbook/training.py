@@ -1,4 +1,4 @@
-"""Full-batch gradient descent with a record of the loss, the parameters' travel and the NTK.
+"""Full-batch gradient descent with a record of the loss, the parameters' travel, the NTK and a callback.
 
 :func:`train` minimises one loss. For a model :math:`f(\\cdot;\\theta)` with ``n`` training pairs
 :math:`(x_i, y_i)` and a scale :math:`\\alpha > 0`,
@@ -18,12 +18,14 @@ Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
 
 from __future__ import annotations
 
+import collections.abc
 import importlib.util
 import math
+import numbers
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
@@ -60,14 +62,17 @@ class History:
       over all trainable parameters flattened into one vector; NaN if every parameter starts at zero.
     - ``initial_norm``: :math:`\\lVert\\theta_0\\rVert`, so ``relative_change * initial_norm`` is the distance travelled.
     - ``ntk``: ``{step: kernel}``, empirical NTKs ``(n, n)`` on the training inputs, when ``ntk_every`` was set.
+    - ``records``: ``{step: callback(model, step)}``, what ``callback`` returned at the steps it was called.
 
-    Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`).
+    Introduced in chapter 3 (:doc:`/chapters/03_lazy_training`); ``records`` in
+    :doc:`/chapters/05_feature_learning`.
     """
 
     loss: torch.Tensor
     relative_change: torch.Tensor
     initial_norm: float
     ntk: dict[int, torch.Tensor] = field(default_factory=dict)
+    records: dict[int, object] = field(default_factory=dict)
 
 
 def _targets_like(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -89,6 +94,8 @@ def train(
     lr: float,
     alpha: float = 1.0,
     ntk_every: int | None = None,
+    callback: Callable[[nn.Module, int], object] | None = None,
+    callback_steps: Iterable[int] | None = None,
     progress: bool | None = None,
 ) -> History:
     """Full-batch gradient descent on :math:`L = \\mathrm{MSE}/\\alpha^2`, updating ``model`` in place.
@@ -105,6 +112,13 @@ def train(
         alpha: the output scale of Chizat et al. (2019); the loss is divided by ``alpha**2``. Pass the
             same ``alpha`` that :func:`~ntkbook.linearized.scaled` multiplies the model by.
         ntk_every: record the empirical NTK on ``x`` at step 0, every ``ntk_every`` steps and at the end.
+        callback: ``callback(model, step)`` is called with the parameters :math:`\\theta_t` of step ``t``
+            (before that step's update; ``t = steps`` is the trained model) and its return value is kept in
+            ``History.records[t]``: a kernel, an alignment, hidden features. It must not change the
+            parameters; return detached tensors, or the records keep autograd graphs alive. Without a
+            callback the loop does nothing extra.
+        callback_steps: the steps in ``0..steps`` at which to call ``callback``; ``None`` (the default)
+            calls it at every step.
         progress: show a ``tqdm.auto`` progress bar: ``True`` always, ``False`` never, ``None`` (the
             default) where it can be drawn cleanly, i.e. with tqdm installed, in a terminal or in a
             Jupyter kernel that has ipywidgets (Colab). Without ipywidgets tqdm would print a warning and a text bar into the
@@ -128,6 +142,7 @@ def train(
     alpha = positive_float("alpha", alpha)
     if ntk_every is not None:
         ntk_every = positive_int("ntk_every", ntk_every)
+    record_at = _check_callback(callback, callback_steps, steps)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
     if progress is None:
@@ -138,10 +153,13 @@ def train(
     losses: list[float] = []
     changes: list[float] = []
     kernels: dict[int, torch.Tensor] = {}
+    records: dict[int, object] = {}
     bar = _progress_bar(steps, lr) if progress else None
     for step in range(steps + 1):
         if ntk_every is not None and (step % ntk_every == 0 or step == steps):
             kernels[step] = empirical_ntk(model, x)
+        if callback is not None and (record_at is None or step in record_at):
+            records[step] = callback(model, step)
         try:
             out = model(x)
         except RuntimeError as err:
@@ -156,6 +174,7 @@ def train(
                 torch.tensor(changes, dtype=torch.float64),
                 initial_norm,
                 kernels,
+                records,
             )
             if bar is not None:
                 bar.close()
@@ -183,8 +202,35 @@ def train(
     if bar is not None:
         bar.close()
     return History(
-        torch.tensor(losses, dtype=torch.float64), torch.tensor(changes, dtype=torch.float64), initial_norm, kernels
+        torch.tensor(losses, dtype=torch.float64),
+        torch.tensor(changes, dtype=torch.float64),
+        initial_norm,
+        kernels,
+        records,
     )
+
+
+def _check_callback(
+    callback: Callable[[nn.Module, int], object] | None, callback_steps: Iterable[int] | None, steps: int
+) -> frozenset[int] | None:
+    """The steps at which to call ``callback``, ``None`` for every step."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(model, step), got {type(callback).__name__}")
+    if callback_steps is None:
+        return None
+    if callback is None:
+        raise ValueError("callback_steps was given without a callback to call at those steps")
+    if isinstance(callback_steps, (str, bytes)) or not isinstance(callback_steps, collections.abc.Iterable):
+        raise TypeError(f"callback_steps must be an iterable of ints, got {type(callback_steps).__name__}")
+    chosen = list(callback_steps)
+    for step in chosen:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"callback_steps must hold ints, got {type(step).__name__} {step!r}")
+        if not 0 <= step <= steps:
+            raise ValueError(f"callback_steps must lie in 0..steps = 0..{steps}, got {step}")
+    if not chosen:
+        raise ValueError("callback_steps is empty: pass None to call the callback at every step")
+    return frozenset(int(step) for step in chosen)
 
 
 def _bar_draws_cleanly() -> bool:

@@ -92,7 +92,7 @@ def test_mlp_forward_preactivation_variance_is_weight_std_squared() -> None:
         ({"bias_std": float("nan")}, ValueError, "bias_std"),
         ({"weight_std": "1"}, TypeError, "weight_std"),
         ({"activation": "gelu"}, ValueError, "activation"),
-        ({"parameterization": "mup"}, ValueError, "parameterization"),
+        ({"parameterization": "mean-field"}, ValueError, "parameterization"),
         ({"parameterization": "standard", "weight_std": 2.0}, ValueError, "weight_std"),
         ({"generator": 0}, TypeError, "generator"),
     ],

@@ -27,7 +27,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ntkbook  # noqa: E402
-from ntkbook import benchmark, kernels, linearized, models, ntk, plotting, predict, training  # noqa: E402
+from ntkbook import alignment, benchmark, kernels, linearized, models, mup, ntk, plotting, predict, training  # noqa: E402
 
 PROPERTIES = settings(derandomize=True, max_examples=15, deadline=None, database=None)
 
@@ -329,7 +329,13 @@ def _model_cases(name: str, f: Callable[..., object], first: str) -> list[Bad]:
         Bad(name, "weight_std negative", lambda: f(2, 4, weight_std=-1.0), ValueError, "weight_std"),
         Bad(name, "bias_std inf", lambda: f(2, 4, bias_std=INF), ValueError, "bias_std"),
         Bad(name, "generator is a seed", lambda: f(2, 4, generator=0), TypeError, "generator"),
-        Bad(name, "unknown parameterization", lambda: f(2, 4, parameterization="mup"), ValueError, "parameterization"),
+        Bad(
+            name,
+            "unknown parameterization",
+            lambda: f(2, 4, parameterization="mean-field"),
+            ValueError,
+            "parameterization",
+        ),
     ]
 
 
@@ -399,6 +405,42 @@ BAD_INPUT: list[Bad] = [
         lambda: models.dense(2, 3, parameterization="standard", weight_std=2.0),
         ValueError,
         "weight_std",
+    ),
+    Bad("models.dense", "mup without layer", lambda: models.dense(2, 3, parameterization="mup"), ValueError, "layer"),
+    Bad("models.dense", "layer with ntk", lambda: models.dense(2, 3, layer="input"), ValueError, "layer"),
+    Bad(
+        "models.HadamardNet",
+        "mup",
+        lambda: models.HadamardNet(2, 3, parameterization="mup"),
+        ValueError,
+        "parameterization",
+    ),
+    Bad("mup.MuPLinear", "in_features 0", lambda: mup.MuPLinear(0, 4, layer="input"), ValueError, "in_features"),
+    Bad(
+        "mup.MuPLinear", "out_features a float", lambda: mup.MuPLinear(2, 4.0, layer="input"), TypeError, "out_features"
+    ),
+    Bad("mup.MuPLinear", "unknown layer", lambda: mup.MuPLinear(2, 4, layer="readout"), ValueError, "layer"),
+    Bad("mup.MuPLinear", "layer missing", lambda: mup.MuPLinear(2, 4), TypeError, "layer"),
+    Bad(
+        "mup.MuPLinear",
+        "weight_std negative",
+        lambda: mup.MuPLinear(2, 4, layer="hidden", weight_std=-1.0),
+        ValueError,
+        "weight_std",
+    ),
+    Bad(
+        "mup.MuPLinear",
+        "bias_std NaN",
+        lambda: mup.MuPLinear(2, 4, layer="output", bias_std=NAN),
+        ValueError,
+        "bias_std",
+    ),
+    Bad(
+        "mup.MuPLinear",
+        "generator is a seed",
+        lambda: mup.MuPLinear(2, 4, layer="input", generator=0),
+        TypeError,
+        "generator",
     ),
     *_model_cases("models.TwoLayerNet", models.TwoLayerNet, "input_dim"),
     Bad("models.TwoLayerNet", "hidden_dim 0", lambda: models.TwoLayerNet(2, 0), ValueError, "hidden_dim"),
@@ -550,6 +592,49 @@ TRAINING_CASES: list[Bad] = [
     Bad("training.train", "lr NaN", lambda: _train(lr=NAN), ValueError, "lr"),
     Bad("training.train", "alpha 0", lambda: _train(alpha=0.0), ValueError, "alpha"),
     Bad("training.train", "ntk_every 0", lambda: _train(ntk_every=0), ValueError, "ntk_every"),
+    Bad("training.train", "callback not callable", lambda: _train(callback=3), TypeError, "callback"),
+    Bad(
+        "training.train",
+        "callback_steps without callback",
+        lambda: _train(callback_steps=[0]),
+        ValueError,
+        "callback_steps",
+    ),
+    Bad(
+        "training.train",
+        "callback_steps beyond steps",
+        lambda: _train(callback=lambda m, t: t, callback_steps=[0, 3]),
+        ValueError,
+        "callback_steps",
+    ),
+    Bad(
+        "training.train",
+        "callback_steps negative",
+        lambda: _train(callback=lambda m, t: t, callback_steps=[-1]),
+        ValueError,
+        "callback_steps",
+    ),
+    Bad(
+        "training.train",
+        "callback_steps of floats",
+        lambda: _train(callback=lambda m, t: t, callback_steps=[0.5]),
+        TypeError,
+        "callback_steps",
+    ),
+    Bad(
+        "training.train",
+        "callback_steps an int",
+        lambda: _train(callback=lambda m, t: t, callback_steps=2),
+        TypeError,
+        "callback_steps",
+    ),
+    Bad(
+        "training.train",
+        "callback_steps empty",
+        lambda: _train(callback=lambda m, t: t, callback_steps=[]),
+        ValueError,
+        "callback_steps",
+    ),
     *_wrapper_cases("linearized.linearize", linearized.linearize),
     *_wrapper_cases("linearized.Linearized", linearized.Linearized),
     *_forward_cases("linearized.linearize", linearized.linearize),
@@ -805,6 +890,95 @@ PREDICT_CASES: list[Bad] = [
     Bad("predict.ntk_gp_predict", "t a string", lambda: _ensemble(t="10"), TypeError, "t must"),
     Bad("predict.ntk_gp_predict", "learning_rate 0", lambda: _ensemble(learning_rate=0.0), ValueError, "learning_rate"),
     Bad("predict.ntk_gp_predict", "diag_reg NaN", lambda: _ensemble(diag_reg=NAN), ValueError, "diag_reg"),
+ALIGNMENT_CASES: list[Bad] = [
+    Bad(
+        "alignment.kernel_alignment",
+        "kernel a list",
+        lambda: alignment.kernel_alignment([[1.0]], _y()),
+        TypeError,
+        "kernel",
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "kernel not square",
+        lambda: alignment.kernel_alignment(_gram()[:3], _y().double()),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "kernel 1 x 1",
+        lambda: alignment.kernel_alignment(_gram()[:1, :1], _y(1).double()),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "kernel integer",
+        lambda: alignment.kernel_alignment(torch.eye(4, dtype=torch.int64), _y().double()),
+        TypeError,
+        "kernel",
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "kernel NaN",
+        lambda: alignment.kernel_alignment(_gram().fill_diagonal_(NAN), _y().double()),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "kernel not symmetric",
+        lambda: alignment.kernel_alignment(_cross(), _y().double()),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "kernel constant",
+        lambda: alignment.kernel_alignment(torch.ones(4, 4, dtype=torch.float64), _y().double()),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "kernel on the meta device",
+        lambda: alignment.kernel_alignment(_gram().to(META), _y().double().to(META)),
+        ValueError,
+        "kernel",
+    ),
+    Bad(
+        "alignment.kernel_alignment", "y a list", lambda: alignment.kernel_alignment(_gram(), [1.0] * 4), TypeError, "y"
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "y wrong length",
+        lambda: alignment.kernel_alignment(_gram(), _y(3).double()),
+        ValueError,
+        "y",
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "y three-dimensional",
+        lambda: alignment.kernel_alignment(_gram(), _y().double().reshape(4, 1, 1)),
+        ValueError,
+        "y",
+    ),
+    Bad("alignment.kernel_alignment", "y float32", lambda: alignment.kernel_alignment(_gram(), _y()), TypeError, "y"),
+    Bad(
+        "alignment.kernel_alignment",
+        "y inf",
+        lambda: alignment.kernel_alignment(_gram(), torch.tensor([1.0, INF, 0.0, 0.0], dtype=torch.float64)),
+        ValueError,
+        "y",
+    ),
+    Bad(
+        "alignment.kernel_alignment",
+        "y constant",
+        lambda: alignment.kernel_alignment(_gram(), torch.ones(4, dtype=torch.float64)),
+        ValueError,
+        "y",
+    ),
 ]
 
 BENCHMARK_CASES: list[Bad] = [
@@ -849,7 +1023,7 @@ BENCHMARK_CASES: list[Bad] = [
     ),
 ]
 
-BAD_INPUT += TRAINING_CASES + PREDICT_CASES + BENCHMARK_CASES
+BAD_INPUT += TRAINING_CASES + PREDICT_CASES + ALIGNMENT_CASES + BENCHMARK_CASES
 
 # Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
 NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main"}

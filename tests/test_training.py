@@ -331,3 +331,59 @@ def test_wrappers_keep_the_ntk_of_the_trained_model() -> None:
     lin = linearize(wrapped)
     train(lin, x, y, steps=30, lr=0.1, progress=False)
     torch.testing.assert_close(empirical_ntk(lin, x), kernel, rtol=1e-12, atol=1e-12)
+
+
+def flat_parameters(model: nn.Module, step: int) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def test_callback_records_what_it_returns_at_the_chosen_steps_with_that_steps_parameters() -> None:
+    x, y = data()
+    model, reference = net(), net()
+    calls: list[int] = []
+
+    def snapshot(module: nn.Module, step: int) -> torch.Tensor:
+        calls.append(step)
+        return flat_parameters(module, step)
+
+    history = train(model, x, y, steps=6, lr=0.1, callback=snapshot, callback_steps=[0, 2, 6, 2], progress=False)
+    assert calls == [0, 2, 6] and sorted(history.records) == [0, 2, 6]
+    # The same run in pieces: the parameters after 2 steps and after all 6.
+    torch.testing.assert_close(history.records[0], flat_parameters(reference, 0))
+    train(reference, x, y, steps=2, lr=0.1, progress=False)
+    torch.testing.assert_close(history.records[2], flat_parameters(reference, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(history.records[6], flat_parameters(model, 6))
+
+
+def test_callback_defaults_to_every_step_and_changes_nothing_else() -> None:
+    x, y = data()
+    plain = train(net(), x, y, steps=4, lr=0.1, progress=False)
+    recorded = train(net(), x, y, steps=4, lr=0.1, callback=lambda m, t: t * t, progress=False)
+    assert plain.records == {} and recorded.records == {t: t * t for t in range(5)}
+    torch.testing.assert_close(recorded.loss, plain.loss, rtol=0, atol=0)
+    torch.testing.assert_close(recorded.relative_change, plain.relative_change, rtol=0, atol=0)
+
+
+def test_a_kernel_recorded_by_callback_equals_the_ntk_snapshot() -> None:
+    x, y = data()
+    history = train(
+        net(),
+        x,
+        y,
+        steps=4,
+        lr=0.1,
+        ntk_every=2,
+        callback=lambda m, t: empirical_ntk(m, x),
+        callback_steps=range(0, 5, 2),
+        progress=False,
+    )
+    assert sorted(history.records) == sorted(history.ntk) == [0, 2, 4]
+    for step, kernel in history.ntk.items():
+        torch.testing.assert_close(history.records[step], kernel)
+
+
+def test_divergence_keeps_the_records_made_before_it() -> None:
+    x, y = data()
+    with pytest.raises(DivergenceError) as raised:
+        train(net(), x, y, steps=500, lr=1e3, callback=lambda m, t: t, progress=False)
+    assert sorted(raised.value.history.records) == list(range(raised.value.step + 1))

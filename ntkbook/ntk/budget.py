@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ntkbook.models import NTKLinear
+from ntkbook.mup import MuPLinear
 from ntkbook.ntk.request import Request, apply
 from ntkbook.ntk.structured.dense import dense_multipliers
 
@@ -74,7 +75,7 @@ def estimate(request: Request, measured: Measurements, method: str, chunk_size: 
         own = sum(q.numel() for q in module.parameters(recurse=False) if q.requires_grad)
         if not own:
             continue
-        dense = type(module) in (nn.Linear, NTKLinear) and dense_multipliers(module) is not None
+        dense = type(module) in (nn.Linear, NTKLinear, MuPLinear) and dense_multipliers(module) is not None
         dense = dense and inputs == module.in_features
         per_input += inputs + k * outputs if dense else k * own
     stored = n1 if request.symmetric else n1 + n2

@@ -1,4 +1,4 @@
-"""The dense-factor rule for ``nn.Linear`` and :class:`~ntkbook.models.NTKLinear` on ``(n, d)`` inputs.
+"""The dense-factor rule for ``nn.Linear``, :class:`~ntkbook.models.NTKLinear` and :class:`~ntkbook.models.MuPLinear` on ``(n, d)`` inputs.
 
 For :math:`z = s W a + s_b b` the gradient of output :math:`f_c` is
 :math:`\\partial f_c/\\partial W = s\\, g_c a^\\top` and :math:`\\partial f_c/\\partial b = s_b g_c`, with
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ntkbook.models import NTKLinear
+from ntkbook.mup import MuPLinear
 from ntkbook.ntk.features import DenseFactors
 from ntkbook.ntk.structured.rules import register
 
@@ -26,7 +27,7 @@ def dense_multipliers(module: nn.Module) -> tuple[float, float] | None:
     """``(s, s_b)`` of a layer whose forward is known exactly: its ``weight`` and ``bias`` are its own
     parameters, used as they are (no pruning mask or other hook in between, no ``forward`` replaced on
     the instance). The verification would catch the others; this guard spares a wasted attempt."""
-    factors = (1.0, 1.0) if type(module) is nn.Linear else (module.weight_scale, module.bias_std)
+    factors = (1.0, 1.0) if type(module) is nn.Linear else (module.weight_scale, module.bias_scale)
     own = module._parameters
     if own.get("weight") is not module.weight or own.get("bias") is not module.bias:
         return None
@@ -38,7 +39,7 @@ def dense_multipliers(module: nn.Module) -> tuple[float, float] | None:
     return factors
 
 
-@register(nn.Linear, NTKLinear)
+@register(nn.Linear, NTKLinear, MuPLinear)
 def dense_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> DenseFactors | None:
     """The factors ``(A, G, s^2, s_b^2)``; ``None`` (the default rule) for other input shapes."""
     factors = dense_multipliers(module)
