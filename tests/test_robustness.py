@@ -890,6 +890,9 @@ PREDICT_CASES: list[Bad] = [
     Bad("predict.ntk_gp_predict", "t a string", lambda: _ensemble(t="10"), TypeError, "t must"),
     Bad("predict.ntk_gp_predict", "learning_rate 0", lambda: _ensemble(learning_rate=0.0), ValueError, "learning_rate"),
     Bad("predict.ntk_gp_predict", "diag_reg NaN", lambda: _ensemble(diag_reg=NAN), ValueError, "diag_reg"),
+]
+
+
 ALIGNMENT_CASES: list[Bad] = [
     Bad(
         "alignment.kernel_alignment",
