@@ -3,14 +3,15 @@
 Modules: :mod:`ntkbook.models` (networks in the NTK and standard parameterisations),
 :mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.kernels` (analytic
 infinite-width kernels), :mod:`ntkbook.training` (gradient descent), :mod:`ntkbook.linearized`
-(linearised, centred and scaled models, and NTK predictions) and :mod:`ntkbook.plotting` (the book's
-figure style).
+(linearised, centred and scaled models, and NTK predictions), :mod:`ntkbook.blocked` (kernels larger than
+memory, to disk, resumable, across processes) and :mod:`ntkbook.plotting` (the book's figure style).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ntkbook.blocked import blocked_kernel
 from ntkbook.kernels import hadamard_nngp, hadamard_ntk, kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
 from ntkbook.ntk import empirical_ntk
@@ -24,6 +25,7 @@ __all__ = [
     "HadamardNet",
     "NTKLinear",
     "TwoLayerNet",
+    "blocked_kernel",
     "centered",
     "critical_lr",
     "default_device",
