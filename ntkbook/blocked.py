@@ -15,7 +15,7 @@ transpose of its mirror and each diagonal block is made exactly symmetric from i
 
 With a ``path``, the kernel goes to a ``.npy`` file, never held in memory whole: each block is written
 through a memory map of its own rows only, flushed, and unmapped, so peak memory is set by the block
-size, not by :math:`n^2`. Progress is recorded in a manifest beside the file (``ntkbook._manifest``), so
+size, not by :math:`n^2`. Progress is recorded in a manifest beside the file (``ntkbook._kernel_file``), so
 rerunning the same call resumes where a crash left off; under ``torchrun`` the blocks are shared out
 between the processes. Introduced in chapter 7 (:doc:`/chapters/07_large_kernels`).
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ import torch.distributed as dist
 from numpy.lib import format as npy_format
 from tqdm import tqdm
 
-from ntkbook import _manifest
+from ntkbook import _kernel_file
 from ntkbook._checks import positive_int
 from ntkbook.ntk.blocks import mirror_upper, ranges, transpose_block
 
@@ -145,49 +145,10 @@ class _Blocks:
         return [(i0, i1, j0, j1, values), (j0, j1, i0, i1, transpose_block(values))]
 
 
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    try:
-        return torch.empty(0, dtype=dtype).numpy().dtype
-    except TypeError:
-        raise TypeError(f"kernel_fn returns {dtype}, which a .npy file cannot hold; convert its blocks") from None
-
-
-def _npy_layout(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """Shape, Fortran order, dtype and data offset of a ``.npy`` file, from its header alone."""
-    with open(path, "rb") as file:
-        version = npy_format.read_magic(file)
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"path: {path} is a .npy file of version {version}, not one blocked_kernel writes")
-        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-        shape, fortran, dtype = read_header(file)
-        return shape, fortran, dtype, file.tell()
-
-
-class _NpyFile:
-    """The kernel's ``.npy`` file, written one band of rows at a time through its own memory map."""
-
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype):
-        found, fortran, found_dtype, self.offset = _npy_layout(path)
-        if found != shape or fortran or found_dtype != dtype:
-            raise ValueError(f"path: {path} holds {found_dtype} {found}, its manifest says {dtype} {shape}")
-        self.path, self.shape, self.dtype = path, shape, dtype
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-
-    def write(self, i0: int, i1: int, j0: int, j1: int, values: torch.Tensor) -> None:
-        # Mapping only rows i0:i1 and unmapping them after the flush keeps the file's pages out of this
-        # process's resident memory: a map of the whole file would keep every page it ever wrote.
-        rows = np.memmap(
-            self.path, self.dtype, "r+", offset=self.offset + i0 * self.row_bytes, shape=(i1 - i0, *self.shape[1:])
-        )
-        rows[:, j0:j1] = values.to("cpu").numpy()
-        rows.flush()
-        del rows
-
-
 def _create(path: Path, blocks: _Blocks, description: dict) -> None:
     """Rank 0, before any other rank looks: the manifest, then the file if it is missing. A file
     without a manifest is refused; a manifest without its file is refused unless nothing was done."""
-    manifest = _manifest.manifest_path(path)
+    manifest = _kernel_file.manifest_path(path)
     if not manifest.exists():
         if path.exists():
             raise ValueError(
@@ -195,23 +156,25 @@ def _create(path: Path, blocks: _Blocks, description: dict) -> None:
             )
         probe = blocks.call(blocks.x1[:1], blocks.x2[:1])  # learns the trailing shape and dtype
         shape = [len(blocks.x1), len(blocks.x2), *probe.shape[2:]]
-        _manifest.record(manifest, description, set(), shape=shape, dtype=_numpy_dtype(probe.dtype).str, complete=False)
+        _kernel_file.record(
+            manifest, description, set(), shape=shape, dtype=_kernel_file.numpy_dtype(probe.dtype).str, complete=False
+        )
     if not path.exists():
-        record = _manifest.read(manifest)
-        if _manifest.done_blocks(path, description):
+        record = _kernel_file.read(manifest)
+        if _kernel_file.done_blocks(path, description):
             raise ValueError(f"path: {path} is missing but its manifest records finished blocks; delete the manifest")
         npy_format.open_memmap(path, "w+", np.dtype(record["dtype"]), tuple(record["shape"]))
 
 
 def _file_kernel(blocks: _Blocks, path: Path, description: dict, progress: bool) -> np.memmap:
     rank, world = _rank_and_world()
-    manifest_path = _manifest.manifest_path(path)
+    manifest_path = _kernel_file.manifest_path(path)
     if rank == 0:
         _create(path, blocks, description)
     _barrier(world)
-    done = _manifest.done_blocks(path, description)
-    manifest = _manifest.read(manifest_path)
-    output = _NpyFile(path, tuple(manifest["shape"]), np.dtype(manifest["dtype"]))
+    done = _kernel_file.done_blocks(path, description)
+    manifest = _kernel_file.read(manifest_path)
+    output = _kernel_file.NpyFile(path, tuple(manifest["shape"]), np.dtype(manifest["dtype"]))
     blocks.trailing = tuple(manifest["shape"][2:])
     # Every rank has read the same records before any rank adds to them: the shares below agree.
     _barrier(world)
@@ -219,26 +182,26 @@ def _file_kernel(blocks: _Blocks, path: Path, description: dict, progress: bool)
         block for block in _grid(*output.shape[:2], description["block_size"], blocks.symmetric) if block not in done
     ]
     mine = todo[rank::world]
-    own_path = _manifest.rank_path(path, rank)
-    own = {tuple(b) for b in _manifest.read(own_path)["done"]} if own_path.exists() else set()
+    own_path = _kernel_file.rank_path(path, rank)
+    own = {tuple(b) for b in _kernel_file.read(own_path)["done"]} if own_path.exists() else set()
     with _progress(blocks, mine, progress and rank == 0, world) as bar:
         for count, block in enumerate(mine, 1):
             values = blocks.compute(block)
-            if _numpy_dtype(values.dtype) != output.dtype:
+            if _kernel_file.numpy_dtype(values.dtype) != output.dtype:
                 raise ValueError(f"kernel_fn returned {values.dtype}, the file holds {output.dtype}")
             for piece in blocks.pieces(block, values):
                 output.write(*piece)
             own.add(block)
-            _manifest.record(own_path, description, own)
+            _kernel_file.record(own_path, description, own)
             bar.set_postfix_str(f"block {count}/{len(mine)}", refresh=False)
             bar.update(blocks.entries(block))
     _barrier(world)
     if rank == 0 and not manifest["complete"]:
-        finished = _manifest.done_blocks(path, description)
-        _manifest.record(
+        finished = _kernel_file.done_blocks(path, description)
+        _kernel_file.record(
             manifest_path, description, finished, shape=manifest["shape"], dtype=manifest["dtype"], complete=True
         )
-        for record_path in _manifest.rank_paths(path):
+        for record_path in _kernel_file.rank_paths(path):
             record_path.unlink()
     _barrier(world)
     return np.load(path, mmap_mode="r")
@@ -254,12 +217,13 @@ def _memory_kernel(blocks: _Blocks, block_size: int, progress: bool) -> torch.Te
     kernel = None
     todo = _grid(len(blocks.x1), len(blocks.x2), block_size, blocks.symmetric)
     with _progress(blocks, todo, progress, 1) as bar:
-        for block in todo:
+        for count, block in enumerate(todo, 1):
             values = blocks.compute(block)
             if kernel is None:
                 kernel = values.new_empty((len(blocks.x1), len(blocks.x2), *values.shape[2:]))
             for i0, i1, j0, j1, piece in blocks.pieces(block, values):
                 kernel[i0:i1, j0:j1] = piece
+            bar.set_postfix_str(f"block {count}/{len(todo)}", refresh=False)
             bar.update(blocks.entries(block))
     return kernel
 
@@ -269,11 +233,11 @@ def blocked_kernel(
     x1: torch.Tensor,
     x2: torch.Tensor | None = None,
     *,
-    path: Union[str, os.PathLike, None] = None,
+    path: str | os.PathLike | None = None,
     block_size: int = 1024,
     progress: bool = True,
-    device: Union[torch.device, str, None] = None,
-) -> Union[torch.Tensor, np.memmap]:
+    device: torch.device | str | None = None,
+) -> torch.Tensor | np.memmap:
     """``kernel_fn(x1, x2)`` computed block by block: in memory, or to a ``.npy`` file larger than memory,
     resumably, and shared between the processes of a ``torchrun`` launch.
 
@@ -318,8 +282,8 @@ def blocked_kernel(
         "inputs": [len(blocks.x1), len(blocks.x2)],
         "block_size": block_size,
         "symmetric": blocks.symmetric,
-        "x1": _manifest.fingerprint(x1),
-        "x2": None if x2 is None else _manifest.fingerprint(x2),
-        "kernel_fn": _manifest.kernel_identity(kernel_fn),
+        "x1": _kernel_file.fingerprint(x1),
+        "x2": None if x2 is None else _kernel_file.fingerprint(x2),
+        "kernel_fn": _kernel_file.kernel_identity(kernel_fn),
     }
     return _file_kernel(blocks, path, description, progress)

@@ -1,4 +1,5 @@
-"""The manifest beside a blocked kernel's ``.npy`` file: what the file holds and which blocks are done.
+"""A blocked kernel's ``.npy`` file, written one band of rows at a time, and the manifest beside it: what
+the file holds and which blocks are done.
 
 :func:`ntkbook.blocked_kernel` writes ``K.npy`` block by block and records its progress in small JSON
 files beside it, each replaced atomically (written under a temporary name, fsynced, renamed, and the
@@ -24,7 +25,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from numpy.lib import format as npy_format
 from torch import nn
 
 FORMAT = 1
@@ -132,3 +135,42 @@ def done_blocks(path: Path, description: dict) -> set[tuple[int, int]]:
 def record(path: Path, description: dict, done: set[tuple[int, int]], **extra: object) -> None:
     """Write a record of ``done`` blocks (the manifest itself when ``path`` is the manifest's path)."""
     write_atomically(path, {"format": FORMAT, **description, "done": sorted(done), **extra})
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:
+        raise TypeError(f"kernel_fn returns {dtype}, which a .npy file cannot hold; convert its blocks") from None
+
+
+def npy_layout(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Shape, Fortran order, dtype and data offset of a ``.npy`` file, from its header alone."""
+    with open(path, "rb") as file:
+        version = npy_format.read_magic(file)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"path: {path} is a .npy file of version {version}, not one blocked_kernel writes")
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, fortran, dtype = read_header(file)
+        return shape, fortran, dtype, file.tell()
+
+
+class NpyFile:
+    """The kernel's ``.npy`` file, written one band of rows at a time through its own memory map."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype):
+        found, fortran, found_dtype, self.offset = npy_layout(path)
+        if found != shape or fortran or found_dtype != dtype:
+            raise ValueError(f"path: {path} holds {found_dtype} {found}, its manifest says {dtype} {shape}")
+        self.path, self.shape, self.dtype = path, shape, dtype
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def write(self, i0: int, i1: int, j0: int, j1: int, values: torch.Tensor) -> None:
+        # Mapping only rows i0:i1 and unmapping them after the flush keeps the file's pages out of this
+        # process's resident memory: a map of the whole file would keep every page it ever wrote.
+        rows = np.memmap(
+            self.path, self.dtype, "r+", offset=self.offset + i0 * self.row_bytes, shape=(i1 - i0, *self.shape[1:])
+        )
+        rows[:, j0:j1] = values.to("cpu").numpy()
+        rows.flush()
+        del rows
