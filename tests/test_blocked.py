@@ -23,7 +23,7 @@ import torch
 
 import blocked_worker
 import ntkbook
-from ntkbook import _kernel_file
+from ntkbook import _kernel_file, benchmark_large
 
 TESTS = Path(__file__).resolve().parent
 F64 = {"dtype": torch.float64}
@@ -224,3 +224,12 @@ def test_writing_a_kernel_to_disk_does_not_hold_it_in_memory(tmp_path: Path) -> 
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"peak growth {measured['growth_bytes'] / 2**20:.0f} MiB, kernel {measured['kernel_bytes'] / 2**20:.0f} MiB")
     assert measured["growth_bytes"] < measured["kernel_bytes"] / 2
+
+
+def test_the_large_benchmark_counts_the_entries_it_computes_and_cleans_up(tmp_path: Path) -> None:
+    row = benchmark_large.run_large(50, 16, 20, folder=tmp_path, repeats=1, progress=False)
+    # Blocks of 20, 20 and 10 inputs, the upper triangle: (n^2 + the sum of squared block sizes) / 2.
+    assert row["entries_computed"] == (50**2 + 20**2 + 20**2 + 10**2) // 2
+    assert row["file_bytes"] >= 50 * 50 * 4 and row["peak_rss_bytes"] > 0 and row["seconds"] > 0
+    assert list(tmp_path.iterdir()) == [], "the benchmark left its file behind"
+    assert "overhead" in benchmark_large.format_large(row)
