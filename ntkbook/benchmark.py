@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--large", action="store_true", help="the 40,000-input NTK of a width-1024 MLP to disk with blocked_kernel"
     )
-    parser.add_argument("--block-size", type=int, default=None, help="inputs per block side with --large (2048)")
+    parser.add_argument("--block-size", type=int, default=None, help="inputs per block side with --large (4096)")
     parser.add_argument("--folder", default=None, help="where --large writes its file (a temporary folder)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,7 +1,8 @@
 """A kernel larger than memory, to disk: ``python -m ntkbook.benchmark --large``.
 
 Computes the float32 NTK of the MLP ``64 -> 1024 -> 1024 -> 1`` (NTK parameterisation, ReLU) on 40,000
-Gaussian inputs with :func:`~ntkbook.blocked_kernel` to a ``.npy`` file (6.4 GB), and reports the wall
+Gaussian inputs with :func:`~ntkbook.blocked_kernel`, in blocks of 4,096 inputs (10 per side, 55 computed),
+to a ``.npy`` file (6.4 GB), and reports the wall
 time, the process's peak resident memory (``ru_maxrss``, which counts the file's mapped pages), and the
 overhead per kernel entry against one in-memory :func:`~ntkbook.empirical_ntk` call on a block:
 
@@ -34,7 +35,7 @@ from ntkbook.benchmark import build_case
 from ntkbook.blocked import blocked_kernel
 from ntkbook.ntk import empirical_ntk
 
-LARGE_N, LARGE_WIDTH, LARGE_INPUT_DIM, LARGE_BLOCK = 40_000, 1024, 64, 2048
+LARGE_N, LARGE_WIDTH, LARGE_INPUT_DIM, LARGE_BLOCK = 40_000, 1024, 64, 4096
 
 
 def run_large(

@@ -55,7 +55,12 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def _barrier(world: int) -> None:
-    if world > 1:
+    if world == 1:
+        return
+    if dist.get_backend() == "nccl":
+        # NCCL's barrier runs on a GPU: name this rank's, which NCCL cannot guess before a collective.
+        dist.barrier(device_ids=[local_device().index])
+    else:
         dist.barrier()
 
 
