@@ -1,7 +1,7 @@
 """A blocked kernel's ``.npy`` file, written one band of rows at a time, and the manifest beside it: what
 the file holds and which blocks are done.
 
-:func:`ntkbook.blocked_kernel` writes ``K.npy`` block by block and records its progress in small JSON
+:func:`ntkbook.blocked.blocked_kernel` writes ``K.npy`` block by block and records its progress in small JSON
 files beside it, each replaced atomically (written under a temporary name, fsynced, renamed, and the
 folder fsynced), so a crash at any instant leaves either the old record or the new one:
 

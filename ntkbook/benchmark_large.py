@@ -1,10 +1,10 @@
 """A kernel larger than memory, to disk: ``python -m ntkbook.benchmark --large``.
 
 Computes the float32 NTK of the MLP ``64 -> 1024 -> 1024 -> 1`` (NTK parameterisation, ReLU) on 40,000
-Gaussian inputs with :func:`~ntkbook.blocked_kernel`, in blocks of 4,096 inputs (10 per side, 55 computed),
+Gaussian inputs with :func:`~ntkbook.blocked.blocked_kernel`, in blocks of 4,096 inputs (10 per side, 55 computed),
 to a ``.npy`` file (6.4 GB), and reports the wall
 time, the process's peak resident memory (``ru_maxrss``, which counts the file's mapped pages), and the
-overhead per kernel entry against one in-memory :func:`~ntkbook.empirical_ntk` call on a block:
+overhead per kernel entry against one in-memory :func:`~ntkbook.ntk.empirical_ntk` call on a block:
 
 .. math::
 
