@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import os
-import resource
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -98,21 +98,45 @@ def linear_kernel(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return x1 @ x2.T
 
 
-def memory_growth(n: int, block_size: int, path: str) -> None:
-    """Print, as JSON, how far a float32 kernel on ``n`` inputs to ``path`` grows this process's peak
-    resident memory (``ru_maxrss``, which counts mapped file pages too) beyond its size before the call.
+def _held_bytes(path: str) -> int:
+    """Anonymous resident memory plus the resident pages of ``path``'s mappings: what this process holds
+    of its own and of the kernel's file, without the pages of shared libraries, which the system may
+    evict and fault back in at any time."""
+    held, in_file = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if line[0] in "0123456789abcdef" and " " in line and "-" in line.split(" ", 1)[0]:
+                in_file = line.rstrip().endswith(path)
+            elif line.startswith("Anonymous:") or (in_file and line.startswith("Rss:")):
+                held += int(line.split()[1]) * 1024
+    return held
 
-    A first kernel of two blocks per side, to another file, faults in the code and the allocator's pools
-    that any call needs, so that the growth measured is what the size of the kernel adds."""
+
+def memory_growth(n: int, block_size: int, path: str) -> None:
+    """Print, as JSON, the peak growth of :func:`_held_bytes` while a float32 kernel on ``n`` inputs goes
+    to ``path``, sampled every 2 ms by a thread (a block lasts longer), beyond its value before the call.
+
+    A first kernel of two blocks per side, to another file, faults in what any call needs (the allocator's
+    pools), so that the growth measured is what the size of the kernel adds."""
+    path = os.path.abspath(path)
     x = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
     ntkbook.blocked_kernel(
         linear_kernel, x[: 2 * block_size], path=path + ".warm-up.npy", block_size=block_size, progress=False
     )
-    with open("/proc/self/statm") as statm:
-        before = int(statm.read().split()[1]) * resource.getpagesize()
-    ntkbook.blocked_kernel(linear_kernel, x, path=path, block_size=block_size, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"before_bytes": before, "growth_bytes": peak - before, "kernel_bytes": n * n * 4}))
+    before, peak, running = _held_bytes(path), [0], threading.Event()
+
+    def sample() -> None:
+        while not running.wait(0.002):
+            peak[0] = max(peak[0], _held_bytes(path))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        ntkbook.blocked_kernel(linear_kernel, x, path=path, block_size=block_size, progress=False)
+    finally:
+        running.set()
+        sampler.join()
+    print(json.dumps({"before_bytes": before, "growth_bytes": peak[0] - before, "kernel_bytes": n * n * 4}))
 
 
 def distributed_case() -> tuple[functools.partial, torch.Tensor, torch.Tensor]:

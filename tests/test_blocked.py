@@ -211,13 +211,16 @@ def test_two_gloo_ranks_under_torchrun_write_the_file_of_one_rank(tmp_path: Path
 
 
 def test_writing_a_kernel_to_disk_does_not_hold_it_in_memory(tmp_path: Path) -> None:
-    """The 6,000-input float32 kernel (144 MB) in blocks of 512 grows the process by under half its size.
+    """The 6,000-input float32 kernel (144 MB) in blocks of 512 grows what the process holds (anonymous
+    memory and the resident pages of the file's maps, sampled during the run) by under half its size.
     Held whole, or through one map of the file that keeps every page it wrote, it would grow it by all
-    144 MB; what is held is one block, its mirror, the pages of one band of rows (about 1 MB each) and
-    temporaries of a few blocks' size, about 10 MB as measured on the project's machine (beyond what a
-    warm-up kernel of 2 x 2 blocks faults in: code, the allocator's pools). (The issue's case,
-    12,000 inputs in blocks of 1,024, writes 576 MB with an fsync per block, for a minute on the shared
-    machine: too slow for a unit test. Measured once with relu_ntk, it grew the process by 126 MB.)"""
+    144 MB (one map of the whole file, filled, holds 144.0 MB by the same measure); what is held is one
+    block, its mirror, the pages of one band of rows (about 1 MB each) and temporaries of a few blocks'
+    size: about 15 MB as measured on the project's machine. Peak resident memory (ru_maxrss) is not
+    used: it also counts the pages of torch's shared libraries, which the system evicts and faults back
+    in at will, and it read up to 121 MB above its baseline in runs on the shared machine. (The issue's
+    case, 12,000 inputs in blocks of 1,024, writes 576 MB with an fsync per block, for a minute on that
+    machine: too slow for a unit test. Measured once with relu_ntk, its ru_maxrss grew by 126 MB.)"""
     script = f"import blocked_worker; blocked_worker.memory_growth(6000, 512, {str(tmp_path / 'k.npy')!r})"
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
