@@ -5,8 +5,8 @@ holds the μP layer), :mod:`ntkbook.alignment` (kernel–target alignment),
 :mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.kernels` (analytic
 infinite-width kernels), :mod:`ntkbook.training` (gradient descent), :mod:`ntkbook.linearized`
 (linearised, centred and scaled models, and NTK predictions), :mod:`ntkbook.predict` (the NNGP
-posterior and the trained infinite ensemble) and :mod:`ntkbook.plotting` (the book's
-figure style).
+posterior and the trained infinite ensemble), :mod:`ntkbook.blocked` (kernels larger than memory, to
+disk, resumable, across processes) and :mod:`ntkbook.plotting` (the book's figure style).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ntkbook.alignment import kernel_alignment
+from ntkbook.blocked import blocked_kernel
 from ntkbook.kernels import hadamard_nngp, hadamard_ntk, kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
 from ntkbook.mup import MuPLinear
@@ -31,6 +32,7 @@ __all__ = [
     "MuPLinear",
     "NTKLinear",
     "TwoLayerNet",
+    "blocked_kernel",
     "centered",
     "critical_lr",
     "default_device",

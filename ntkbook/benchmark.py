@@ -36,11 +36,14 @@ FLOOR = "fwd+bwd"
 UNVERIFIED = "-unverified"
 
 
-def build_case(width: int, n: int, device: torch.device, outputs: int = 1) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The benchmark's model ``20 -> width -> width -> outputs`` and its ``(n, 20)`` inputs, seeded, float32."""
+def build_case(
+    width: int, n: int, device: torch.device, outputs: int = 1, input_dim: int = INPUT_DIM
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The benchmark's model ``input_dim -> width -> width -> outputs`` and its ``(n, input_dim)`` inputs,
+    seeded, float32."""
     n = positive_int("n", n)
-    model = mlp(INPUT_DIM, width, 2, outputs, generator=torch.Generator().manual_seed(0)).to(device)
-    x = torch.randn(n, INPUT_DIM, generator=torch.Generator().manual_seed(1)).to(device)
+    model = mlp(input_dim, width, 2, outputs, generator=torch.Generator().manual_seed(0)).to(device)
+    x = torch.randn(n, input_dim, generator=torch.Generator().manual_seed(1)).to(device)
     return model, x
 
 
@@ -213,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m ntkbook.benchmark",
         description="Time and peak memory of each empirical_ntk method against one forward + backward pass.",
     )
-    parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096], help="hidden widths w")
-    parser.add_argument("--n", type=int, default=256, help="number of inputs (default 256)")
+    parser.add_argument("--widths", type=int, nargs="+", default=None, help="hidden widths w (default 256 1024 4096)")
+    parser.add_argument("--n", type=int, default=None, help="number of inputs (default 256; 40,000 with --large)")
     named = [m for m in METHODS if m != "auto"]
     parser.add_argument(
         "--methods",
@@ -229,8 +232,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per case after one warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every case")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    parser.add_argument(
+        "--large", action="store_true", help="the 40,000-input NTK of a width-1024 MLP to disk with blocked_kernel"
+    )
+    parser.add_argument("--block-size", type=int, default=None, help="inputs per block side with --large (4096)")
+    parser.add_argument("--folder", default=None, help="where --large writes its file (a temporary folder)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.large:
+        # Imported here: ntkbook.benchmark_large builds its case with this module's build_case.
+        from ntkbook.benchmark_large import LARGE_BLOCK, LARGE_N, LARGE_WIDTH, format_large, run_large
+
+        width = args.widths[0] if args.widths else LARGE_WIDTH
+        row = run_large(args.n or LARGE_N, width, args.block_size or LARGE_BLOCK, args.folder)
+        print(json.dumps(row) if args.json else format_large(row))
+        return
+    args.widths, args.n = args.widths or [256, 1024, 4096], args.n or 256
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda needs a visible GPU")
     if args.threads is not None:

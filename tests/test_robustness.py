@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
 import pkgutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,7 +29,20 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ntkbook  # noqa: E402
-from ntkbook import alignment, benchmark, kernels, linearized, models, mup, ntk, plotting, predict, training  # noqa: E402
+from ntkbook import (  # noqa: E402
+    alignment,
+    benchmark,
+    benchmark_large,
+    blocked,
+    kernels,
+    linearized,
+    models,
+    mup,
+    ntk,
+    plotting,
+    predict,
+    training,
+)
 
 PROPERTIES = settings(derandomize=True, max_examples=15, deadline=None, database=None)
 
@@ -1026,12 +1041,119 @@ BENCHMARK_CASES: list[Bad] = [
     ),
 ]
 
-BAD_INPUT += TRAINING_CASES + PREDICT_CASES + ALIGNMENT_CASES + BENCHMARK_CASES
 
 # Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
 NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main"}
 # Result containers that ntkbook's own functions fill in (train, ntk_predict, nngp_predict), never built by readers.
 NOT_CALLED_BY_USERS = {"training.History", "linearized.NTKPrediction", "predict.GaussianPrediction"}
+
+
+def _relu_blocks(x1: object = None, x2: object = None, **kw: object) -> object:
+    """``blocked_kernel`` of the depth-1 ReLU NTK, on the standard batch unless told otherwise."""
+    kernel_fn = kw.pop("kernel_fn", lambda a, b: kernels.relu_ntk(a, b, 1))
+    return blocked.blocked_kernel(kernel_fn, _x() if x1 is None else x1, x2, progress=False, **kw)
+
+
+BLOCKED_CASES: list[Bad] = [
+    Bad(
+        "blocked.blocked_kernel",
+        "kernel_fn not callable",
+        lambda: _relu_blocks(kernel_fn="relu"),
+        TypeError,
+        "kernel_fn",
+    ),
+    Bad("blocked.blocked_kernel", "x1 a list", lambda: _relu_blocks([[0.0, 1.0, 2.0]]), TypeError, "x1"),
+    Bad("blocked.blocked_kernel", "x1 empty", lambda: _relu_blocks(_x(0)), ValueError, "x1"),
+    Bad("blocked.blocked_kernel", "x1 a scalar", lambda: _relu_blocks(torch.tensor(1.0)), ValueError, "x1"),
+    Bad("blocked.blocked_kernel", "x1 on the meta device", lambda: _relu_blocks(_x().to(META)), ValueError, "x1"),
+    Bad("blocked.blocked_kernel", "x2 a numpy array", lambda: _relu_blocks(x2=np.ones((2, 3))), TypeError, "x2"),
+    Bad("blocked.blocked_kernel", "x2 empty", lambda: _relu_blocks(x2=_x(0)), ValueError, "x2"),
+    Bad("blocked.blocked_kernel", "block_size 0", lambda: _relu_blocks(block_size=0), ValueError, "block_size"),
+    Bad("blocked.blocked_kernel", "block_size float", lambda: _relu_blocks(block_size=2.0), TypeError, "block_size"),
+    Bad(
+        "blocked.blocked_kernel",
+        "progress 1",
+        lambda: blocked.blocked_kernel(kernels.relu_ntk, _x(), progress=1),
+        TypeError,
+        "progress",
+    ),
+    Bad("blocked.blocked_kernel", "device an int", lambda: _relu_blocks(device=0), TypeError, "device"),
+    Bad("blocked.blocked_kernel", "path an int", lambda: _relu_blocks(path=3), TypeError, "path"),
+    Bad("blocked.blocked_kernel", "path not .npy", lambda: _relu_blocks(path="kernel.bin"), ValueError, "path"),
+    Bad(
+        "blocked.blocked_kernel",
+        "path in no folder",
+        lambda: _relu_blocks(path="/no/such/folder/k.npy"),
+        ValueError,
+        "path",
+    ),
+    Bad(
+        "blocked.blocked_kernel",
+        "kernel_fn returns a list",
+        lambda: _relu_blocks(kernel_fn=lambda a, b: [[0.0]]),
+        ValueError,
+        "kernel_fn",
+    ),
+    Bad(
+        "blocked.blocked_kernel",
+        "kernel_fn returns the wrong shape",
+        lambda: _relu_blocks(kernel_fn=lambda a, b: (a @ b.T)[:, :1]),
+        ValueError,
+        "kernel_fn",
+    ),
+    Bad(
+        "blocked.blocked_kernel",
+        "kernel_fn returns bfloat16 to a file",
+        lambda: _relu_blocks(kernel_fn=lambda a, b: (a @ b.T).bfloat16(), path=_fresh_npy()),
+        TypeError,
+        "kernel_fn",
+    ),
+]
+
+
+def _fresh_npy() -> str:
+    """A path for a file that does not exist; the cases that use it are refused before creating it."""
+    return os.path.join(tempfile.gettempdir(), f"ntkbook-refused-{os.getpid()}.npy")
+
+
+LARGE_CASES: list[Bad] = [
+    Bad("benchmark_large.run_large", "n 0", lambda: benchmark_large.run_large(0), ValueError, "n"),
+    Bad(
+        "benchmark_large.run_large",
+        "block_size > n",
+        lambda: benchmark_large.run_large(8, 4, 9),
+        ValueError,
+        "block_size",
+    ),
+    Bad(
+        "benchmark_large.run_large",
+        "repeats 0.5",
+        lambda: benchmark_large.run_large(8, 4, 4, repeats=0.5),
+        TypeError,
+        "repeats",
+    ),
+    Bad(
+        "benchmark_large.run_large",
+        "no such folder",
+        lambda: benchmark_large.run_large(8, 4, 4, "/no/such"),
+        ValueError,
+        "folder",
+    ),
+    Bad(
+        "benchmark_large.format_large",
+        "row of another table",
+        lambda: benchmark_large.format_large({"n": 8}),
+        ValueError,
+        "row",
+    ),
+]
+
+
+# Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
+NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main", "blocked.local_device"}
+# Result containers that ntkbook's own functions fill in (train, ntk_predict), never built by readers.
+NOT_CALLED_BY_USERS = {"training.History", "linearized.NTKPrediction"}
+BAD_INPUT += TRAINING_CASES + PREDICT_CASES + ALIGNMENT_CASES + BENCHMARK_CASES + BLOCKED_CASES + LARGE_CASES
 
 
 def public_callables() -> set[str]:
