@@ -27,7 +27,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ntkbook  # noqa: E402
-from ntkbook import benchmark, kernels, linearized, models, ntk, plotting, training  # noqa: E402
+from ntkbook import benchmark, cnn, cnn_kernels, kernels, linearized, models, ntk, plotting, training  # noqa: E402
 
 PROPERTIES = settings(derandomize=True, max_examples=15, deadline=None, database=None)
 
@@ -331,6 +331,79 @@ def _model_cases(name: str, f: Callable[..., object], first: str) -> list[Bad]:
         Bad(name, "generator is a seed", lambda: f(2, 4, generator=0), TypeError, "generator"),
         Bad(name, "unknown parameterization", lambda: f(2, 4, parameterization="mup"), ValueError, "parameterization"),
     ]
+
+
+def _img(n: int = 3, c: int = 2, h: int = 4, w: int = 4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(3), dtype=dtype)
+
+
+def _img_with(value: float, n: int = 3) -> torch.Tensor:
+    x = _img(n)
+    x[1, 0, 2, 2] = value
+    return x
+
+
+def _image_kernel_cases(name: str, f: Callable[..., object]) -> list[Bad]:
+    """Cases for the convolutional kernels ``f(x1, x2, ...)`` of image batches ``(n, c, h, w)``."""
+    return [
+        Bad(name, "x1 is a list", lambda: f([[[[1.0]]]], _img()), TypeError, "x1"),
+        Bad(name, "x1 integer dtype", lambda: f(torch.ones(2, 2, 4, 4, dtype=torch.int64), _img()), TypeError, "x1"),
+        Bad(name, "x1 a batch of vectors", lambda: f(_x(), _img()), ValueError, "x1"),
+        Bad(name, "x1 empty", lambda: f(_img(0), _img()), ValueError, "x1"),
+        Bad(name, "x1 NaN", lambda: f(_img_with(NAN), _img()), ValueError, "x1"),
+        Bad(name, "x2 inf", lambda: f(_img(), _img_with(INF)), ValueError, "x2"),
+        Bad(name, "x2 other channels", lambda: f(_img(), _img(c=3)), ValueError, "x2"),
+        Bad(name, "x2 other image size", lambda: f(_img(), _img(h=5)), ValueError, "x2"),
+        Bad(name, "x2 other dtype", lambda: f(_img(), _img(dtype=torch.float64)), TypeError, "x2"),
+        Bad(name, "x2 on another device", lambda: f(_img(), _img().to(META)), ValueError, "x2"),
+        Bad(name, "x1 and x2 on the meta device", lambda: f(_img().to(META), _img().to(META)), ValueError, "x1"),
+        Bad(name, "depth 0", lambda: f(_img(), _img(), 0), ValueError, "depth"),
+        Bad(name, "kernel_size even", lambda: f(_img(), _img(), kernel_size=2), ValueError, "kernel_size"),
+        Bad(name, "kernel_size a float", lambda: f(_img(), _img(), kernel_size=3.0), TypeError, "kernel_size"),
+        Bad(name, "unknown pooling", lambda: f(_img(), _img(), pooling="max"), ValueError, "pooling"),
+        Bad(name, "weight_std negative", lambda: f(_img(), _img(), weight_std=-1.0), ValueError, "weight_std"),
+        Bad(name, "bias_std NaN", lambda: f(_img(), _img(), bias_std=NAN), ValueError, "bias_std"),
+    ]
+
+
+CNN_CASES: list[Bad] = [
+    *_image_kernel_cases("cnn_kernels.cnn_ntk", cnn_kernels.cnn_ntk),
+    *_image_kernel_cases("cnn_kernels.cnn_nngp", cnn_kernels.cnn_nngp),
+    *_model_cases("cnn.cnn", lambda a, b, **kw: cnn.cnn(a, b, 2, **kw), "in_channels"),
+    Bad("cnn.cnn", "channels 0", lambda: cnn.cnn(2, 0, 2), ValueError, "channels"),
+    Bad("cnn.cnn", "depth 0", lambda: cnn.cnn(2, 4, 0), ValueError, "depth"),
+    Bad("cnn.cnn", "outputs 0", lambda: cnn.cnn(2, 4, 1, 0), ValueError, "outputs"),
+    Bad("cnn.cnn", "kernel_size even", lambda: cnn.cnn(2, 4, 1, kernel_size=4), ValueError, "kernel_size"),
+    Bad("cnn.cnn", "unknown pooling", lambda: cnn.cnn(2, 4, 1, pooling="max"), ValueError, "pooling"),
+    Bad("cnn.cnn", "flatten without image_size", lambda: cnn.cnn(2, 4, 1, pooling="flatten"), ValueError, "image_size"),
+    Bad("cnn.cnn", "image_size with gap", lambda: cnn.cnn(2, 4, 1, image_size=8), ValueError, "image_size"),
+    Bad(
+        "cnn.cnn",
+        "image_size a float",
+        lambda: cnn.cnn(2, 4, 1, pooling="flatten", image_size=8.0),
+        TypeError,
+        "image_size",
+    ),
+    Bad(
+        "cnn.cnn",
+        "image_size with a zero side",
+        lambda: cnn.cnn(2, 4, 1, pooling="flatten", image_size=(8, 0)),
+        ValueError,
+        "image_size",
+    ),
+    Bad(
+        "cnn.cnn",
+        "standard with weight_std",
+        lambda: cnn.cnn(2, 4, 1, parameterization="standard", weight_std=2.0),
+        ValueError,
+        "weight_std",
+    ),
+    Bad("cnn.NTKConv2d", "in_channels 0", lambda: cnn.NTKConv2d(0, 4), ValueError, "in_channels"),
+    Bad("cnn.NTKConv2d", "out_channels a float", lambda: cnn.NTKConv2d(2, 4.0), TypeError, "out_channels"),
+    Bad("cnn.NTKConv2d", "kernel_size even", lambda: cnn.NTKConv2d(2, 4, 2), ValueError, "kernel_size"),
+    Bad("cnn.NTKConv2d", "weight_std inf", lambda: cnn.NTKConv2d(2, 4, weight_std=INF), ValueError, "weight_std"),
+    Bad("cnn.NTKConv2d", "generator is a seed", lambda: cnn.NTKConv2d(2, 4, generator=0), TypeError, "generator"),
+]
 
 
 def _axes() -> object:
@@ -684,7 +757,7 @@ BENCHMARK_CASES: list[Bad] = [
     ),
 ]
 
-BAD_INPUT += TRAINING_CASES + BENCHMARK_CASES
+BAD_INPUT += TRAINING_CASES + BENCHMARK_CASES + CNN_CASES
 
 # Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
 NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main"}
