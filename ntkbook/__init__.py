@@ -2,7 +2,7 @@
 
 Modules: :mod:`ntkbook.models` (networks in the NTK and standard parameterisations),
 :mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.kernels` (analytic
-infinite-width kernels), :mod:`ntkbook.cnn` and :mod:`ntkbook.cnn_kernels` (convolutional networks and
+infinite-width kernels), :mod:`ntkbook.convolutional` and :mod:`ntkbook.cnn_kernels` (convolutional networks and
 their infinite-width kernels), :mod:`ntkbook.training` (gradient descent), :mod:`ntkbook.linearized`
 (linearised, centred and scaled models, and NTK predictions) and :mod:`ntkbook.plotting` (the book's
 figure style).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ntkbook.cnn import NTKConv2d, cnn
+from ntkbook.convolutional import NTKConv2d, cnn
 from ntkbook.cnn_kernels import cnn_nngp, cnn_ntk
 from ntkbook.kernels import hadamard_nngp, hadamard_ntk, kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp

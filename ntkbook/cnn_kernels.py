@@ -4,7 +4,7 @@ For images :math:`x, x'` of :math:`C` channels and pixels :math:`p, p'` the recu
 covariances between every pair of pixels of the two images (Arora et al. 2019, section 4 and
 appendix B; Novak et al. 2019), so each pair of images carries an :math:`(hw) \\times (hw)` matrix
 (with ``pooling="gap"``) or, with ``pooling="flatten"``, only its diagonal of :math:`hw` same-pixel
-entries. The kernels are the limits of :func:`ntkbook.cnn.cnn` as its channel count grows.
+entries. The kernels are the limits of :func:`ntkbook.convolutional.cnn` as its channel count grows.
 
 Introduced in chapter 9 (:doc:`/chapters/09_convolutional`).
 """
@@ -17,8 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from ntkbook._checks import finite, odd_int, one_of, positive_int, std
-from ntkbook.cnn import POOLINGS
-from ntkbook.kernels import _kappa0, _kappa1, _scale_and_cosine
+from ntkbook.convolutional import POOLINGS
 
 # Covariance entries per array in one block of image pairs: 2**21 float64 numbers are 16 MiB.
 _BLOCK_ENTRIES = 2**21
@@ -61,32 +60,55 @@ def _diagonal_box(cov: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """:math:`\\frac{1}{k^2}\\sum_\\delta Q_{p+\\delta, p'+\\delta}` for covariances ``(..., h, w, h, w)``.
 
     A convolution of the pixel-pair covariance with a filter that moves both pixels by the same offset
-    (zero outside the images), taken as :math:`2k` shifted sums: first along the two rows, then along the
-    two columns, since the offsets' rows and columns range independently."""
-    r = kernel_size // 2
+    (zero outside the images). The offsets' rows and columns range independently, so it is taken as
+    shifted in-place sums along the two row axes, then along the two column axes: :math:`2(k-1)`
+    additions of (at most) the whole array instead of :math:`k^2`."""
     h, w = cov.shape[-4], cov.shape[-3]
-    padded = F.pad(cov, (r, r, r, r, r, r, r, r))
-    rows = sum(padded[..., a : a + h, :, a : a + h, :] for a in range(kernel_size))
-    both = sum(rows[..., :, b : b + w, :, b : b + w] for b in range(kernel_size))
-    return both / kernel_size**2
+    rows = cov.clone()
+    for a in range(1, min(kernel_size // 2, h - 1) + 1):
+        rows[..., : h - a, :, : h - a, :] += cov[..., a:, :, a:, :]
+        rows[..., a:, :, a:, :] += cov[..., : h - a, :, : h - a, :]
+    both = rows.clone()
+    for b in range(1, min(kernel_size // 2, w - 1) + 1):
+        both[..., : w - b, :, : w - b] += rows[..., b:, :, b:]
+        both[..., b:, :, b:] += rows[..., : w - b, :, : w - b]
+    return both.div_(kernel_size**2)
+
+
+def _relu_moments(cov: torch.Tensor, root1: torch.Tensor, root2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`K = \\tfrac12 \\sqrt{v v'}\\,\\kappa_1(\\rho)` and :math:`\\dot K = \\tfrac12 \\kappa_0(\\rho)` of a
+    pre-activation covariance ``cov``, from the roots of the pixel variances (broadcasting against it).
+
+    The same expectations as :func:`ntkbook.kernels.relu_ntk`'s, with one ``arccos`` per entry
+    (:math:`\\pi\\kappa_0 = \\pi - \\theta`, :math:`\\pi\\kappa_1 = \\sin\\theta + (\\pi - \\theta)\\cos\\theta`) and
+    in-place steps, since these arrays dominate time and memory. A zero variance has ``cov = 0`` and
+    gets cosine 0, as there."""
+    scale = root1 * root2
+    # |cov| <= scale by Cauchy-Schwarz, so clamping only removes rounding.
+    cosine = (cov / scale.clamp_min(torch.finfo(cov.dtype).tiny)).clamp_(-1.0, 1.0)
+    rest = torch.arccos(cosine).neg_().add_(math.pi)
+    sine = (cosine * cosine).neg_().add_(1.0).sqrt_()
+    relu_cov = sine.addcmul_(rest, cosine).mul_(scale).mul_(0.5 / math.pi)
+    return relu_cov, rest.mul_(0.5 / math.pi)
 
 
 def _pair_block(
     x1: torch.Tensor,
     x2: torch.Tensor,
-    var1: list[torch.Tensor],
-    var2: list[torch.Tensor],
+    roots1: list[torch.Tensor],
+    roots2: list[torch.Tensor],
     kernel_size: int,
     pooling: str,
     var_w: float,
     var_b: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(nngp, ntk)`` of shape ``(b1, b2)`` for a block of images, given each layer's pixel variances."""
+    """``(nngp, ntk)`` of shape ``(b1, b2)`` for a block of images, given the roots of each layer's
+    pixel variances."""
     channels = x1.shape[1]
     if pooling == "gap":
         cov = torch.einsum("icp,jcq->ijpq", x1.flatten(2), x2.flatten(2)) / channels
         cov = cov.reshape(x1.shape[0], x2.shape[0], *x1.shape[2:], *x1.shape[2:])
-        spread = lambda q: _diagonal_box(q, kernel_size)  # noqa: E731 (one line per pooling)
+        spread = lambda q: _diagonal_box(q, kernel_size)
         left, right = (slice(None), None, ..., None, None), (None, slice(None), None, None, ...)
         readout_dims = (2, 3, 4, 5)
     else:
@@ -94,32 +116,32 @@ def _pair_block(
         # only same-pixel entries below them: the diagonal of the covariance is enough.
         cov = torch.einsum("icp,jcp->ijp", x1.flatten(2), x2.flatten(2)) / channels
         cov = cov.reshape(x1.shape[0], x2.shape[0], *x1.shape[2:])
-        spread = lambda q: _box(q, kernel_size)  # noqa: E731
+        spread = lambda q: _box(q, kernel_size)
         left, right = (slice(None), None, ...), (None, slice(None), ...)
         readout_dims = (2, 3)
-    cov = var_w * spread(cov) + var_b
+    cov = spread(cov).mul_(var_w).add_(var_b)
     ntk = cov
-    for layer, (v1, v2) in enumerate(zip(var1, var2)):
-        scale, cosine = _scale_and_cosine(cov, v1[left], v2[right])
-        relu_cov = 0.5 * scale * _kappa1(cosine)
-        derivative_cov = 0.5 * _kappa0(cosine)
-        if layer == len(var1) - 1:
+    for layer, (r1, r2) in enumerate(zip(roots1, roots2)):
+        relu_cov, derivative_cov = _relu_moments(cov, r1[left], r2[right])
+        below = derivative_cov.mul_(ntk)
+        if layer == len(roots1) - 1:
             nngp = var_w * relu_cov.mean(dim=readout_dims) + var_b
-            return nngp, nngp + var_w * (derivative_cov * ntk).mean(dim=readout_dims)
-        cov = var_w * spread(relu_cov) + var_b
-        ntk = cov + var_w * spread(derivative_cov * ntk)
+            return nngp, nngp + var_w * below.mean(dim=readout_dims)
+        cov = spread(relu_cov).mul_(var_w).add_(var_b)
+        ntk = spread(below).mul_(var_w).add_(cov)
     raise AssertionError("depth >= 1 always returns inside the loop")
 
 
-def _pixel_variances(x: torch.Tensor, depth: int, kernel_size: int, var_w: float, var_b: float) -> list[torch.Tensor]:
-    """The pre-activation variance at every pixel for each of the ``depth`` layers: ``depth`` maps ``(n, h, w)``.
+def _pixel_roots(x: torch.Tensor, depth: int, kernel_size: int, var_w: float, var_b: float) -> list[torch.Tensor]:
+    """The root of the pre-activation variance at every pixel, for each of the ``depth`` layers:
+    ``depth`` maps ``(n, h, w)``. The variances are
 
     :math:`v^{(1)} = \\sigma_w^2\\,\\mathrm{box}(\\|x_p\\|^2 / C) + \\sigma_b^2` and
     :math:`v^{(l+1)} = \\sigma_w^2\\,\\mathrm{box}(v^{(l)}/2) + \\sigma_b^2`, since :math:`\\kappa_1(1) = 1`."""
     variances = [var_w * _box((x * x).mean(dim=1), kernel_size) + var_b]
     for _ in range(depth - 1):
         variances.append(var_w * _box(0.5 * variances[-1], kernel_size) + var_b)
-    return variances
+    return [torch.sqrt(v) for v in variances]
 
 
 def _cnn_recursion(
@@ -139,8 +161,8 @@ def _cnn_recursion(
     pooling = one_of("pooling", pooling, POOLINGS)
     var_w = std("weight_std", weight_std) ** 2
     var_b = std("bias_std", bias_std) ** 2
-    var1 = _pixel_variances(x1, depth, kernel_size, var_w, var_b)
-    var2 = var1 if symmetric else _pixel_variances(x2, depth, kernel_size, var_w, var_b)
+    roots1 = _pixel_roots(x1, depth, kernel_size, var_w, var_b)
+    roots2 = roots1 if symmetric else _pixel_roots(x2, depth, kernel_size, var_w, var_b)
     pixels = x1.shape[2] * x1.shape[3]
     entries_per_pair = pixels**2 if pooling == "gap" else pixels
     side = max(1, math.isqrt(max(1, _BLOCK_ENTRIES // entries_per_pair)))
@@ -152,7 +174,14 @@ def _cnn_recursion(
         for j in range(i if symmetric else 0, n2, side):
             rows, cols = slice(i, i + side), slice(j, j + side)
             block = _pair_block(
-                x1[rows], x2[cols], [v[rows] for v in var1], [v[cols] for v in var2], kernel_size, pooling, var_w, var_b
+                x1[rows],
+                x2[cols],
+                [r[rows] for r in roots1],
+                [r[cols] for r in roots2],
+                kernel_size,
+                pooling,
+                var_w,
+                var_b,
             )
             for out, values in zip((nngp, ntk), block):
                 if symmetric and i == j:
@@ -174,7 +203,7 @@ def cnn_nngp(
     weight_std: float = 1.0,
     bias_std: float = 0.0,
 ) -> torch.Tensor:
-    """Infinite-width NNGP covariance :math:`\\mathbb E[f(x) f(x')]` of :func:`ntkbook.cnn.cnn`.
+    """Infinite-width NNGP covariance :math:`\\mathbb E[f(x) f(x')]` of :func:`ntkbook.convolutional.cnn`.
 
     The network has the same ``depth``, ``kernel_size``, ``pooling``, ``weight_std`` and ``bias_std``,
     ``parameterization="ntk"``, and its channel count goes to infinity. Write :math:`\\mathcal A` for the
@@ -232,7 +261,7 @@ def cnn_ntk(
     weight_std: float = 1.0,
     bias_std: float = 0.0,
 ) -> torch.Tensor:
-    """Infinite-width NTK of :func:`ntkbook.cnn.cnn` (the CNTK): the limit of its ``empirical_ntk``.
+    """Infinite-width NTK of :func:`ntkbook.convolutional.cnn` (the CNTK): the limit of its ``empirical_ntk``.
 
     Same network, arguments, memory and notation as :func:`cnn_nngp`. With the derivative covariance
     :math:`\\dot K^{(l)}_{pp'} = \\tfrac12 \\kappa_0(\\rho^{(l)}_{pp'})`, the pixel-pair NTK follows

@@ -111,17 +111,16 @@ def _input_covariance(
 def _scale_and_cosine(
     cross: torch.Tensor, diag1: torch.Tensor, diag2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:math:`\\sqrt{\\Sigma(x,x)\\Sigma(x',x')}` and the cosine :math:`\\rho` of a covariance, from
-    variances ``diag1``, ``diag2`` that broadcast against ``cross`` (``(n1, 1)`` and ``(1, n2)`` here).
+    """:math:`\\sqrt{\\Sigma(x,x)\\Sigma(x',x')}` and the cosine :math:`\\rho` of a covariance.
 
     A pre-activation of variance 0 is identically 0, so relu and relu' vanish there: any cosine
     gives the right (zero) terms, and 0 is the continuous extension that keeps them finite."""
-    product = diag1 * diag2
+    product = diag1[:, None] * diag2[None, :]
     # The root of the product is exact for x with itself (cosine 1, where kappa0 has infinite slope), but
     # the product can underflow where the scale itself does not: inputs of norms 1e-17 and 1e-6 in
     # float32 have a scale of 1e-23 and a product below 1e-45. There the product of the roots is used.
     underflow = product < torch.finfo(product.dtype).tiny
-    scale = torch.where(underflow, torch.sqrt(diag1) * torch.sqrt(diag2), torch.sqrt(product))
+    scale = torch.where(underflow, torch.sqrt(diag1)[:, None] * torch.sqrt(diag2)[None, :], torch.sqrt(product))
     positive = scale > 0
     cosine = torch.where(positive, cross / torch.where(positive, scale, 1.0), 0.0)
     # |cross| <= scale by Cauchy-Schwarz, so a cosine outside [-1, 1] is rounding, however many inputs
@@ -140,7 +139,7 @@ def _relu_recursion(
     cross, diag1, diag2 = _input_covariance(x1, x2, var_w, var_b)
     ntk = cross
     for _ in range(depth):
-        scale, cosine = _scale_and_cosine(cross, diag1[:, None], diag2[None, :])
+        scale, cosine = _scale_and_cosine(cross, diag1, diag2)
         cross = 0.5 * var_w * scale * _kappa1(cosine) + var_b
         derivative = 0.5 * var_w * _kappa0(cosine)
         ntk = cross + ntk * derivative
@@ -304,7 +303,7 @@ def _hadamard_terms(
     var_w = std("weight_std", weight_std) ** 2
     var_b = std("bias_std", bias_std) ** 2
     cross, diag1, diag2 = _input_covariance(x1, x2, var_w, var_b)
-    scale, cosine = _scale_and_cosine(cross, diag1[:, None], diag2[None, :])
+    scale, cosine = _scale_and_cosine(cross, diag1, diag2)
     return cross, 0.5 * scale * _kappa1(cosine), 0.5 * _kappa0(cosine), var_w, var_b
 
 

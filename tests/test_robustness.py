@@ -27,7 +27,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ntkbook  # noqa: E402
-from ntkbook import benchmark, cnn, cnn_kernels, kernels, linearized, models, ntk, plotting, training  # noqa: E402
+from ntkbook import benchmark, cnn_kernels, convolutional, kernels, linearized, models, ntk, plotting, training  # noqa: E402
 
 PROPERTIES = settings(derandomize=True, max_examples=15, deadline=None, database=None)
 
@@ -369,40 +369,84 @@ def _image_kernel_cases(name: str, f: Callable[..., object]) -> list[Bad]:
 CNN_CASES: list[Bad] = [
     *_image_kernel_cases("cnn_kernels.cnn_ntk", cnn_kernels.cnn_ntk),
     *_image_kernel_cases("cnn_kernels.cnn_nngp", cnn_kernels.cnn_nngp),
-    *_model_cases("cnn.cnn", lambda a, b, **kw: cnn.cnn(a, b, 2, **kw), "in_channels"),
-    Bad("cnn.cnn", "channels 0", lambda: cnn.cnn(2, 0, 2), ValueError, "channels"),
-    Bad("cnn.cnn", "depth 0", lambda: cnn.cnn(2, 4, 0), ValueError, "depth"),
-    Bad("cnn.cnn", "outputs 0", lambda: cnn.cnn(2, 4, 1, 0), ValueError, "outputs"),
-    Bad("cnn.cnn", "kernel_size even", lambda: cnn.cnn(2, 4, 1, kernel_size=4), ValueError, "kernel_size"),
-    Bad("cnn.cnn", "unknown pooling", lambda: cnn.cnn(2, 4, 1, pooling="max"), ValueError, "pooling"),
-    Bad("cnn.cnn", "flatten without image_size", lambda: cnn.cnn(2, 4, 1, pooling="flatten"), ValueError, "image_size"),
-    Bad("cnn.cnn", "image_size with gap", lambda: cnn.cnn(2, 4, 1, image_size=8), ValueError, "image_size"),
+    *_model_cases("convolutional.cnn", lambda a, b, **kw: convolutional.cnn(a, b, 2, **kw), "in_channels"),
+    Bad("convolutional.cnn", "channels 0", lambda: convolutional.cnn(2, 0, 2), ValueError, "channels"),
+    Bad("convolutional.cnn", "depth 0", lambda: convolutional.cnn(2, 4, 0), ValueError, "depth"),
+    Bad("convolutional.cnn", "outputs 0", lambda: convolutional.cnn(2, 4, 1, 0), ValueError, "outputs"),
     Bad(
-        "cnn.cnn",
+        "convolutional.cnn",
+        "kernel_size even",
+        lambda: convolutional.cnn(2, 4, 1, kernel_size=4),
+        ValueError,
+        "kernel_size",
+    ),
+    Bad(
+        "convolutional.cnn", "unknown pooling", lambda: convolutional.cnn(2, 4, 1, pooling="max"), ValueError, "pooling"
+    ),
+    Bad(
+        "convolutional.cnn",
+        "flatten without image_size",
+        lambda: convolutional.cnn(2, 4, 1, pooling="flatten"),
+        ValueError,
+        "image_size",
+    ),
+    Bad(
+        "convolutional.cnn",
+        "image_size with gap",
+        lambda: convolutional.cnn(2, 4, 1, image_size=8),
+        ValueError,
+        "image_size",
+    ),
+    Bad(
+        "convolutional.cnn",
         "image_size a float",
-        lambda: cnn.cnn(2, 4, 1, pooling="flatten", image_size=8.0),
+        lambda: convolutional.cnn(2, 4, 1, pooling="flatten", image_size=8.0),
         TypeError,
         "image_size",
     ),
     Bad(
-        "cnn.cnn",
+        "convolutional.cnn",
         "image_size with a zero side",
-        lambda: cnn.cnn(2, 4, 1, pooling="flatten", image_size=(8, 0)),
+        lambda: convolutional.cnn(2, 4, 1, pooling="flatten", image_size=(8, 0)),
         ValueError,
         "image_size",
     ),
     Bad(
-        "cnn.cnn",
+        "convolutional.cnn",
         "standard with weight_std",
-        lambda: cnn.cnn(2, 4, 1, parameterization="standard", weight_std=2.0),
+        lambda: convolutional.cnn(2, 4, 1, parameterization="standard", weight_std=2.0),
         ValueError,
         "weight_std",
     ),
-    Bad("cnn.NTKConv2d", "in_channels 0", lambda: cnn.NTKConv2d(0, 4), ValueError, "in_channels"),
-    Bad("cnn.NTKConv2d", "out_channels a float", lambda: cnn.NTKConv2d(2, 4.0), TypeError, "out_channels"),
-    Bad("cnn.NTKConv2d", "kernel_size even", lambda: cnn.NTKConv2d(2, 4, 2), ValueError, "kernel_size"),
-    Bad("cnn.NTKConv2d", "weight_std inf", lambda: cnn.NTKConv2d(2, 4, weight_std=INF), ValueError, "weight_std"),
-    Bad("cnn.NTKConv2d", "generator is a seed", lambda: cnn.NTKConv2d(2, 4, generator=0), TypeError, "generator"),
+    Bad("convolutional.NTKConv2d", "in_channels 0", lambda: convolutional.NTKConv2d(0, 4), ValueError, "in_channels"),
+    Bad(
+        "convolutional.NTKConv2d",
+        "out_channels a float",
+        lambda: convolutional.NTKConv2d(2, 4.0),
+        TypeError,
+        "out_channels",
+    ),
+    Bad(
+        "convolutional.NTKConv2d",
+        "kernel_size even",
+        lambda: convolutional.NTKConv2d(2, 4, 2),
+        ValueError,
+        "kernel_size",
+    ),
+    Bad(
+        "convolutional.NTKConv2d",
+        "weight_std inf",
+        lambda: convolutional.NTKConv2d(2, 4, weight_std=INF),
+        ValueError,
+        "weight_std",
+    ),
+    Bad(
+        "convolutional.NTKConv2d",
+        "generator is a seed",
+        lambda: convolutional.NTKConv2d(2, 4, generator=0),
+        TypeError,
+        "generator",
+    ),
 ]
 
 

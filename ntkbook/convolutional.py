@@ -85,7 +85,9 @@ class NTKConv2d(nn.Module):
         )
 
 
-def _standard_conv(in_channels: int, out_channels: int, kernel_size: int, generator: torch.Generator | None) -> nn.Module:
+def _standard_conv(
+    in_channels: int, out_channels: int, kernel_size: int, generator: torch.Generator | None
+) -> nn.Module:
     """``nn.Conv2d`` with 'same' padding and PyTorch's initialisation (uniform on :math:`\\pm 1/\\sqrt{C k^2}`),
     drawn from ``generator``."""
     layer = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
