@@ -265,7 +265,7 @@ def cnn_ntk(
 
     Same network, arguments, memory and notation as :func:`cnn_nngp`. With the derivative covariance
     :math:`\\dot K^{(l)}_{pp'} = \\tfrac12 \\kappa_0(\\rho^{(l)}_{pp'})`, the pixel-pair NTK follows
-    (Arora et al. 2019, equation (8) and appendix B)
+    (Arora et al. 2019, section 4 and appendix B)
 
     .. math::
 

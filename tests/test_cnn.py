@@ -164,7 +164,8 @@ def test_one_conv_layer_kernels_are_the_mean_over_networks(pooling: str, stds: d
     kernels, products = [], []
     for seed in range(150):
         net = network(x, 8, 1, seed, pooling=pooling, **stds)
-        kernels.append(empirical_ntk(net, x))
+        # The comparison with the limit is the check here; autograd verification would triple the cost.
+        kernels.append(empirical_ntk(net, x, verify=False))
         out = net(x).detach()[:, 0]
         products.append(out[:, None] * out[None, :])
     for samples, exact in [(kernels, cnn_ntk), (products, cnn_nngp)]:
