@@ -19,8 +19,9 @@ from torch.nn import functional as F
 from ntkbook._checks import finite, odd_int, one_of, positive_int, std
 from ntkbook.convolutional import POOLINGS
 
-# Covariance entries per array in one block of image pairs: 2**21 float64 numbers are 16 MiB.
-_BLOCK_ENTRIES = 2**21
+# Covariance entries per array in one block of image pairs: 2**20 float64 numbers are 8 MiB, and
+# about 18 such arrays were measured alive at once (peak memory growth of 290 MiB at 2**21).
+_BLOCK_ENTRIES = 2**20
 
 
 def _check_images(name: str, x: object) -> torch.Tensor:
@@ -226,10 +227,12 @@ def cnn_nngp(
     flattening, which compares each pixel only with the same pixel. For :math:`1 \\times 1` images and
     ``kernel_size=1`` this is :func:`ntkbook.kernels.relu_nngp` of the ``c``-dimensional inputs.
 
-    Memory and time: with ``pooling="gap"`` each pair of images carries a few :math:`(hw)^2` arrays
-    (:math:`32` KiB each in float64 for :math:`8 \\times 8` images), with ``"flatten"`` a few of
-    :math:`hw` numbers. Pairs are processed in blocks of at most :math:`2^{21}` entries per array
-    (16 MiB in float64), so memory does not grow with the number of images; time grows like
+    Memory and time: with ``pooling="gap"`` each pair of images carries up to about 18 arrays of
+    :math:`(hw)^2` numbers alive at once (:math:`32` KiB each in float64 for :math:`8 \\times 8`
+    images), with ``"flatten"`` as many of :math:`hw` numbers. Pairs are processed in blocks of at most
+    :math:`2^{20}` entries per array (8 MiB in float64), so the memory, about 150 MiB at most in
+    float64, does not grow with the number of images (a :math:`500 \\times 500` kernel of
+    :math:`8 \\times 8` images needs no more than a :math:`20 \\times 20` one); time grows like
     :math:`n_1 n_2 (hw)^2 \\cdot \\text{depth}` (gap) and runs on whatever device the images are on.
     Accuracy as in :func:`ntkbook.kernels.relu_ntk`: use float64 to compare kernels closely.
 
