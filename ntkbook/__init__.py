@@ -3,7 +3,8 @@
 Modules: :mod:`ntkbook.models` (networks in the NTK, standard and μP parameterisations; :mod:`ntkbook.mup`
 holds the μP layer), :mod:`ntkbook.alignment` (kernel–target alignment),
 :mod:`ntkbook.ntk` (empirical NTKs), :mod:`ntkbook.kernels` (analytic
-infinite-width kernels), :mod:`ntkbook.training` (gradient descent), :mod:`ntkbook.linearized`
+infinite-width kernels), :mod:`ntkbook.convolutional` and :mod:`ntkbook.cnn_kernels` (convolutional networks and
+their infinite-width kernels), :mod:`ntkbook.training` (gradient descent), :mod:`ntkbook.linearized`
 (linearised, centred and scaled models, and NTK predictions), :mod:`ntkbook.predict` (the NNGP
 posterior and the trained infinite ensemble), :mod:`ntkbook.blocked` (kernels larger than memory, to
 disk, resumable, across processes) and :mod:`ntkbook.plotting` (the book's figure style).
@@ -15,6 +16,8 @@ import torch
 
 from ntkbook.alignment import kernel_alignment
 from ntkbook.blocked import blocked_kernel
+from ntkbook.convolutional import NTKConv2d, cnn
+from ntkbook.cnn_kernels import cnn_nngp, cnn_ntk
 from ntkbook.kernels import hadamard_nngp, hadamard_ntk, kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
 from ntkbook.mup import MuPLinear
@@ -31,9 +34,13 @@ __all__ = [
     "HadamardNet",
     "MuPLinear",
     "NTKLinear",
+    "NTKConv2d",
     "TwoLayerNet",
     "blocked_kernel",
     "centered",
+    "cnn",
+    "cnn_nngp",
+    "cnn_ntk",
     "critical_lr",
     "default_device",
     "dense",

@@ -72,3 +72,18 @@ def rounding_tolerance(dtype: torch.dtype) -> float:
     orders of magnitude above it.
     """
     return torch.finfo(dtype).eps ** 0.5
+
+
+def odd_int(name: str, value: object) -> int:
+    """``value`` as an odd ``int >= 1``, such as a filter size that 'same' padding centres."""
+    number = positive_int(name, value)
+    if number % 2 == 0:
+        raise ValueError(f"{name} must be an odd positive int, got {number}")
+    return number
+
+
+def one_of(name: str, value: object, options: tuple[str, ...]) -> str:
+    """``value`` as one of the strings ``options``."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value

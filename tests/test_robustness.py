@@ -34,6 +34,8 @@ from ntkbook import (  # noqa: E402
     benchmark,
     benchmark_large,
     blocked,
+    cnn_kernels,
+    convolutional,
     kernels,
     linearized,
     models,
@@ -352,6 +354,123 @@ def _model_cases(name: str, f: Callable[..., object], first: str) -> list[Bad]:
             "parameterization",
         ),
     ]
+
+
+def _img(n: int = 3, c: int = 2, h: int = 4, w: int = 4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(3), dtype=dtype)
+
+
+def _img_with(value: float, n: int = 3) -> torch.Tensor:
+    x = _img(n)
+    x[1, 0, 2, 2] = value
+    return x
+
+
+def _image_kernel_cases(name: str, f: Callable[..., object]) -> list[Bad]:
+    """Cases for the convolutional kernels ``f(x1, x2, ...)`` of image batches ``(n, c, h, w)``."""
+    return [
+        Bad(name, "x1 is a list", lambda: f([[[[1.0]]]], _img()), TypeError, "x1"),
+        Bad(name, "x1 integer dtype", lambda: f(torch.ones(2, 2, 4, 4, dtype=torch.int64), _img()), TypeError, "x1"),
+        Bad(name, "x1 a batch of vectors", lambda: f(_x(), _img()), ValueError, "x1"),
+        Bad(name, "x1 empty", lambda: f(_img(0), _img()), ValueError, "x1"),
+        Bad(name, "x1 NaN", lambda: f(_img_with(NAN), _img()), ValueError, "x1"),
+        Bad(name, "x2 inf", lambda: f(_img(), _img_with(INF)), ValueError, "x2"),
+        Bad(name, "x2 other channels", lambda: f(_img(), _img(c=3)), ValueError, "x2"),
+        Bad(name, "x2 other image size", lambda: f(_img(), _img(h=5)), ValueError, "x2"),
+        Bad(name, "x2 other dtype", lambda: f(_img(), _img(dtype=torch.float64)), TypeError, "x2"),
+        Bad(name, "x2 on another device", lambda: f(_img(), _img().to(META)), ValueError, "x2"),
+        Bad(name, "x1 and x2 on the meta device", lambda: f(_img().to(META), _img().to(META)), ValueError, "x1"),
+        Bad(name, "depth 0", lambda: f(_img(), _img(), 0), ValueError, "depth"),
+        Bad(name, "kernel_size even", lambda: f(_img(), _img(), kernel_size=2), ValueError, "kernel_size"),
+        Bad(name, "kernel_size a float", lambda: f(_img(), _img(), kernel_size=3.0), TypeError, "kernel_size"),
+        Bad(name, "unknown pooling", lambda: f(_img(), _img(), pooling="max"), ValueError, "pooling"),
+        Bad(name, "weight_std negative", lambda: f(_img(), _img(), weight_std=-1.0), ValueError, "weight_std"),
+        Bad(name, "bias_std NaN", lambda: f(_img(), _img(), bias_std=NAN), ValueError, "bias_std"),
+    ]
+
+
+CNN_CASES: list[Bad] = [
+    *_image_kernel_cases("cnn_kernels.cnn_ntk", cnn_kernels.cnn_ntk),
+    *_image_kernel_cases("cnn_kernels.cnn_nngp", cnn_kernels.cnn_nngp),
+    *_model_cases("convolutional.cnn", lambda a, b, **kw: convolutional.cnn(a, b, 2, **kw), "in_channels"),
+    Bad("convolutional.cnn", "channels 0", lambda: convolutional.cnn(2, 0, 2), ValueError, "channels"),
+    Bad("convolutional.cnn", "depth 0", lambda: convolutional.cnn(2, 4, 0), ValueError, "depth"),
+    Bad("convolutional.cnn", "outputs 0", lambda: convolutional.cnn(2, 4, 1, 0), ValueError, "outputs"),
+    Bad(
+        "convolutional.cnn",
+        "kernel_size even",
+        lambda: convolutional.cnn(2, 4, 1, kernel_size=4),
+        ValueError,
+        "kernel_size",
+    ),
+    Bad(
+        "convolutional.cnn", "unknown pooling", lambda: convolutional.cnn(2, 4, 1, pooling="max"), ValueError, "pooling"
+    ),
+    Bad(
+        "convolutional.cnn",
+        "flatten without image_size",
+        lambda: convolutional.cnn(2, 4, 1, pooling="flatten"),
+        ValueError,
+        "image_size",
+    ),
+    Bad(
+        "convolutional.cnn",
+        "image_size with gap",
+        lambda: convolutional.cnn(2, 4, 1, image_size=8),
+        ValueError,
+        "image_size",
+    ),
+    Bad(
+        "convolutional.cnn",
+        "image_size a float",
+        lambda: convolutional.cnn(2, 4, 1, pooling="flatten", image_size=8.0),
+        TypeError,
+        "image_size",
+    ),
+    Bad(
+        "convolutional.cnn",
+        "image_size with a zero side",
+        lambda: convolutional.cnn(2, 4, 1, pooling="flatten", image_size=(8, 0)),
+        ValueError,
+        "image_size",
+    ),
+    Bad(
+        "convolutional.cnn",
+        "standard with weight_std",
+        lambda: convolutional.cnn(2, 4, 1, parameterization="standard", weight_std=2.0),
+        ValueError,
+        "weight_std",
+    ),
+    Bad("convolutional.NTKConv2d", "in_channels 0", lambda: convolutional.NTKConv2d(0, 4), ValueError, "in_channels"),
+    Bad(
+        "convolutional.NTKConv2d",
+        "out_channels a float",
+        lambda: convolutional.NTKConv2d(2, 4.0),
+        TypeError,
+        "out_channels",
+    ),
+    Bad(
+        "convolutional.NTKConv2d",
+        "kernel_size even",
+        lambda: convolutional.NTKConv2d(2, 4, 2),
+        ValueError,
+        "kernel_size",
+    ),
+    Bad(
+        "convolutional.NTKConv2d",
+        "weight_std inf",
+        lambda: convolutional.NTKConv2d(2, 4, weight_std=INF),
+        ValueError,
+        "weight_std",
+    ),
+    Bad(
+        "convolutional.NTKConv2d",
+        "generator is a seed",
+        lambda: convolutional.NTKConv2d(2, 4, generator=0),
+        TypeError,
+        "generator",
+    ),
+]
 
 
 def _axes() -> object:
@@ -1042,12 +1161,6 @@ BENCHMARK_CASES: list[Bad] = [
 ]
 
 
-# Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
-NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main"}
-# Result containers that ntkbook's own functions fill in (train, ntk_predict, nngp_predict), never built by readers.
-NOT_CALLED_BY_USERS = {"training.History", "linearized.NTKPrediction", "predict.GaussianPrediction"}
-
-
 def _relu_blocks(x1: object = None, x2: object = None, **kw: object) -> object:
     """``blocked_kernel`` of the depth-1 ReLU NTK, on the standard batch unless told otherwise."""
     kernel_fn = kw.pop("kernel_fn", lambda a, b: kernels.relu_ntk(a, b, 1))
@@ -1151,9 +1264,11 @@ LARGE_CASES: list[Bad] = [
 
 # Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
 NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main", "blocked.local_device"}
-# Result containers that ntkbook's own functions fill in (train, ntk_predict), never built by readers.
-NOT_CALLED_BY_USERS = {"training.History", "linearized.NTKPrediction"}
-BAD_INPUT += TRAINING_CASES + PREDICT_CASES + ALIGNMENT_CASES + BENCHMARK_CASES + BLOCKED_CASES + LARGE_CASES
+# Result containers that ntkbook's own functions fill in (train, ntk_predict, nngp_predict), never built by readers.
+NOT_CALLED_BY_USERS = {"training.History", "linearized.NTKPrediction", "predict.GaussianPrediction"}
+BAD_INPUT += (
+    TRAINING_CASES + PREDICT_CASES + ALIGNMENT_CASES + BENCHMARK_CASES + BLOCKED_CASES + LARGE_CASES + CNN_CASES
+)
 
 
 def public_callables() -> set[str]:
