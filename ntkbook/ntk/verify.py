@@ -246,7 +246,7 @@ class Verifier:
         rows1, probes1, grads1, rows2, probes2, grads2 = self.sides()
         factor = TOLERANCE_FACTORS.get(self.request.reference.dtype, TOLERANCE_FACTOR)
         rho = factor * self.roundoff * math.sqrt(self.summation_length(max(len(rows1), len(rows2))))
-        block = kernel[rows1.to(kernel.device)][:, rows2.to(kernel.device)].double().cpu()
+        block = kernel.detach()[rows1.to(kernel.device)][:, rows2.to(kernel.device)].double().cpu()
         m, o = grads1.shape[:2]
         # All inner products <J1^T c, J2^T c'> by the pairwise Gram (rounding like a kernel entry's).
         dots = float64_dots(grads1.reshape(m * o, -1), grads2.reshape(m * o, -1)).reshape(m, o, m, o)
