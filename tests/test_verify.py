@@ -345,6 +345,55 @@ def test_gradients_mixed_across_the_batch_are_refused(method: str, n: int) -> No
         empirical_ntk(Mixing(_mixed_in_the_gradient_only).double(), _x(n), method=method)
 
 
+class _Temperature(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self) -> torch.Tensor:
+        return self.t.exp()
+
+
+class ScaledByTemperature(nn.Module):
+    """A leaf module with a 0-d output, and a layer used twice so that structured declines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.temp, self.o = nn.Linear(3, 3), _Temperature(), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.tanh(self.a(torch.tanh(self.a(x))))) * self.temp()
+
+
+class FrozenBranch(nn.Module):
+    """Inputs far from the origin take a branch without trainable parameters: their kernel rows are zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.frozen = nn.Linear(3, 2).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(x) if x[0, 0] > 100 else self.o(torch.tanh(self.a(x)))
+
+
+def test_auto_measures_models_with_scalar_leaf_outputs() -> None:
+    model = _seeded(ScaledByTemperature)()
+    assert rel(empirical_ntk(model, _x()), oracle(model, _x())) < 1e-10
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_side_no_parameter_reaches_gets_zero_rows(method: str) -> None:
+    model = _seeded(FrozenBranch)()
+    far, near = _x(5) + 200, _x(4, seed=2)
+    try:
+        kernel = empirical_ntk(model, far, near, method=method)
+    except ValueError as err:  # vmap cannot follow data-dependent control flow
+        assert method in ("jacobian", "implicit") and "cannot differentiate" in str(err), err
+        return
+    assert torch.equal(kernel, torch.zeros_like(kernel))
+
+
 @pytest.mark.parametrize("kind", ["rrelu", "F.dropout", "noise", "lstm", "attention"])
 def test_random_models_are_refused(kind: str) -> None:
     torch.manual_seed(0)

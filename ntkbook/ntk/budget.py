@@ -27,9 +27,14 @@ class Measurements:
 def measure(request: Request) -> Measurements:
     sizes: list[tuple[nn.Module, int, int]] = []
 
+    def per_input(t: torch.Tensor) -> int:
+        """Entries of one input's slice; a 0-d tensor (a learnable temperature) or an empty batch (an
+        expert that no input is routed to) has no leading batch dimension to slice."""
+        return t[0].numel() if t.ndim and t.shape[0] else t.numel()
+
     def record(module: nn.Module, args: tuple, output: object) -> None:
-        inputs = sum(a[0].numel() for a in args if isinstance(a, torch.Tensor))
-        sizes.append((module, inputs, output[0].numel() if isinstance(output, torch.Tensor) else 0))
+        inputs = sum(per_input(a) for a in args if isinstance(a, torch.Tensor))
+        sizes.append((module, inputs, per_input(output) if isinstance(output, torch.Tensor) else 0))
 
     model = request.model
     handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]

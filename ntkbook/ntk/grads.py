@@ -18,6 +18,25 @@ def flat_gradient(
 
     A model with reentrant ``torch.utils.checkpoint`` cannot be differentiated by
     ``torch.autograd.grad``; it gets ``backward()`` instead, with every ``.grad`` restored after."""
+    if not output.requires_grad:
+        # An output that no trainable parameter reaches (a frozen branch) has a zero gradient.
+        grads = [None] * len(params)
+    else:
+        grads = _autograd_gradients(output, params, cotangent, retain_graph)
+    parts = []
+    for g, p in zip(grads, params):
+        if g is None:
+            g = torch.zeros_like(p)
+        elif g.layout != torch.strided:
+            g = g.to_dense()
+        parts.append(g.reshape(-1))
+    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+
+
+def _autograd_gradients(
+    output: torch.Tensor, params: list[torch.Tensor], cotangent: torch.Tensor | None, retain_graph: bool
+) -> list[torch.Tensor | None]:
+    """``torch.autograd.grad``, or ``backward()`` for a model with reentrant checkpointing."""
     try:
         # The graph is kept through a failed attempt, so that backward() can still run after it.
         grads = torch.autograd.grad(output, params, cotangent, retain_graph=True, allow_unused=True)
@@ -33,11 +52,4 @@ def flat_gradient(
         finally:
             for p, g in zip(params, saved):
                 p.grad = g
-    parts = []
-    for g, p in zip(grads, params):
-        if g is None:
-            g = torch.zeros_like(p)
-        elif g.layout != torch.strided:
-            g = g.to_dense()
-        parts.append(g.reshape(-1))
-    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+    return list(grads)

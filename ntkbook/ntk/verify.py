@@ -71,7 +71,11 @@ last and one random input run alone must equal their rows in the batch, the batc
 its own outputs reordered, and a second run of that input the first, to :math:`2\\sqrt{\\epsilon}` of each
 output's scale over the batch. Gradients that mix the batch while the outputs do not (a batch statistic
 added and subtracted detached) are caught by the identity itself: its batch carries one extra, unprobed
-input, so it never differentiates the batch the kernel was computed on.
+input at its end, so it never differentiates the batch the kernel was computed on. A statistic that one
+repeated input at the end cannot change (the batch's first or largest output) still escapes. (Placing
+the extra input first, which would catch the first row, moves the rounding of the other rows' products
+enough to flip a ReLU unit whose pre-activation is within rounding of zero, and refuses correct float32
+kernels.)
 """
 
 from __future__ import annotations
