@@ -74,6 +74,18 @@ def rounding_tolerance(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
 
+def symmetric(name: str, kernel: torch.Tensor, what: str, hint: str = "") -> None:
+    """Refuse a square ``kernel`` that is not symmetric to within :func:`rounding_tolerance` of its largest
+    entry: eigh reads one triangle only, so a cross kernel passed as a square one would be misread without
+    a word. The message says the argument must be ``what``, then ``hint``."""
+    asymmetry = float((kernel - kernel.T).abs().max())
+    scale = float(kernel.abs().max())
+    if asymmetry > rounding_tolerance(kernel.dtype) * scale:
+        raise ValueError(
+            f"{name} must be {what}, but max |K - K^T| = {asymmetry:.3g} against max |K| = {scale:.3g}{hint}"
+        )
+
+
 def odd_int(name: str, value: object) -> int:
     """``value`` as an odd ``int >= 1``, such as a filter size that 'same' padding centres."""
     number = positive_int(name, value)

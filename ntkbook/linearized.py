@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ntkbook._checks import finite, positive_float, rounding_tolerance
+from ntkbook._checks import finite, positive_float, symmetric
 from ntkbook.ntk.request import trainable_parameters
 
 
@@ -201,22 +201,11 @@ def _check_kernel(
         )
     finite(name, value)
     if columns is None:
-        _check_symmetric(name, value)
-    return value
-
-
-def _check_symmetric(name: str, kernel: torch.Tensor) -> None:
-    """eigh reads one triangle only, so a square matrix that is not Θ(X, X), such as Θ(x_test, x_train)
-    for as many test as training inputs, would be misread without a word. Rounding leaves a computed
-    NTK symmetric to within ``rounding_tolerance`` (relative to its largest entry); a cross kernel is
-    asymmetric at the scale of its entries."""
-    asymmetry = float((kernel - kernel.T).abs().max())
-    scale = float(kernel.abs().max())
-    if asymmetry > rounding_tolerance(kernel.dtype) * scale:
-        raise ValueError(
-            f"{name} must be the symmetric NTK Θ(X, X) of the training inputs, but max |K - K^T| = {asymmetry:.3g} "
-            f"against max |K| = {scale:.3g}; pass Θ(x_test, x_train) as kernel_test"
+        # A computed NTK is symmetric to within rounding; a cross kernel is asymmetric at the scale of its entries.
+        symmetric(
+            name, value, "the symmetric NTK Θ(X, X) of the training inputs", "; pass Θ(x_test, x_train) as kernel_test"
         )
+    return value
 
 
 def _check_vector(name: str, value: object, length: int | None, reference: torch.Tensor) -> torch.Tensor:

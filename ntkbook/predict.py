@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ntkbook._checks import finite, positive_float, rounding_tolerance, std
+from ntkbook._checks import finite, positive_float, rounding_tolerance, std, symmetric
 
 
 @dataclass
@@ -70,12 +70,7 @@ def _symmetric(name: str, value: object, n: int | None, reference: torch.Tensor 
     kernel = _matrix(name, value, (n, n), reference)
     if kernel.shape[0] != kernel.shape[1] or kernel.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty square (n, n) kernel, got shape {tuple(kernel.shape)}")
-    asymmetry = float((kernel - kernel.T).abs().max())
-    scale = float(kernel.abs().max())
-    if asymmetry > rounding_tolerance(kernel.dtype) * scale:
-        raise ValueError(
-            f"{name} must be a symmetric kernel k(X, X), but max |K - K^T| = {asymmetry:.3g} against max |K| = {scale:.3g}"
-        )
+    symmetric(name, kernel, "a symmetric kernel k(X, X)")
     return kernel
 
 
