@@ -16,13 +16,13 @@ import torch
 
 from ntkbook.alignment import kernel_alignment
 from ntkbook.blocked import blocked_kernel
-from ntkbook.convolutional import NTKConv2d, cnn
 from ntkbook.cnn_kernels import cnn_nngp, cnn_ntk
+from ntkbook.convolutional import NTKConv2d, cnn
 from ntkbook.kernels import hadamard_nngp, hadamard_ntk, kappa0, kappa1, mc_relu_ntk, relu_nngp, relu_ntk
+from ntkbook.linearized import centered, critical_lr, linearize, ntk_predict, scaled
 from ntkbook.models import HadamardNet, NTKLinear, TwoLayerNet, dense, mlp
 from ntkbook.mup import MuPLinear
 from ntkbook.ntk import empirical_ntk
-from ntkbook.linearized import centered, critical_lr, linearize, ntk_predict, scaled
 from ntkbook.predict import GaussianPrediction, nngp_predict, ntk_gp_predict
 from ntkbook.training import DivergenceError, train
 
@@ -33,8 +33,8 @@ __all__ = [
     "GaussianPrediction",
     "HadamardNet",
     "MuPLinear",
-    "NTKLinear",
     "NTKConv2d",
+    "NTKLinear",
     "TwoLayerNet",
     "blocked_kernel",
     "centered",

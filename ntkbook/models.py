@@ -177,7 +177,12 @@ class TwoLayerNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_dims(input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim)
-        kwargs = dict(parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator)
+        kwargs = {
+            "parameterization": parameterization,
+            "weight_std": weight_std,
+            "bias_std": bias_std,
+            "generator": generator,
+        }
         mup = parameterization == "mup"
         self.hidden = dense(input_dim, hidden_dim, layer="input" if mup else None, **kwargs)
         self.readout = dense(hidden_dim, output_dim, layer="output" if mup else None, **kwargs)
@@ -211,7 +216,12 @@ class HadamardNet(nn.Module):
         if parameterization == "mup":
             # μP's scalings are derived for layers that feed one another, not for products of branches.
             raise ValueError("HadamardNet takes parameterization 'ntk' or 'standard', got 'mup'")
-        kwargs = dict(parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator)
+        kwargs = {
+            "parameterization": parameterization,
+            "weight_std": weight_std,
+            "bias_std": bias_std,
+            "generator": generator,
+        }
         self.branch1 = dense(input_dim, hidden_dim, **kwargs)
         self.branch2 = dense(input_dim, hidden_dim, **kwargs)
         self.readout = dense(hidden_dim, output_dim, **kwargs)
@@ -259,7 +269,12 @@ def mlp(
     )
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-    kwargs = dict(parameterization=parameterization, weight_std=weight_std, bias_std=bias_std, generator=generator)
+    kwargs = {
+        "parameterization": parameterization,
+        "weight_std": weight_std,
+        "bias_std": bias_std,
+        "generator": generator,
+    }
     mup = parameterization == "mup"
     layers: list[nn.Module] = []
     fan_in = input_dim

@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blocked_worker
 import numpy as np
 import pytest
 import torch
 
-import blocked_worker
 import ntkbook
 from ntkbook import _kernel_file, benchmark_large
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from pybtex.database import Entry, Person, parse_file
-
 from conftest import CHAPTERS, HTML, ROOT, BookBuild, chapter_sources
+from pybtex.database import Entry, Person, parse_file
 
 
 @pytest.mark.slow

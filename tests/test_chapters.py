@@ -9,7 +9,6 @@ from pathlib import Path
 import jupytext
 import nbformat
 import yaml
-
 from conftest import CHAPTERS, ROOT, chapter_sources, toc_files
 
 BOOTSTRAP_MARKER = "# Colab bootstrap: install ntkbook when it is not importable"
@@ -89,11 +88,15 @@ def random_calls_without_generator(source: str) -> list[str]:
         name = node.func.attr
         text = ast.unparse(node.func)
         has_generator = any(k.arg in {"generator", "seed"} for k in node.keywords)
-        if re.match(r"(np|numpy)\.random\.", text) and name != "default_rng":
-            problems.append(text)
-        elif text.startswith("torch.") and name in TORCH_RANDOM and not has_generator:
-            problems.append(text)
-        elif name in TORCH_RANDOM_METHODS and not has_generator:
+        if (
+            re.match(r"(np|numpy)\.random\.", text)
+            and name != "default_rng"
+            or text.startswith("torch.")
+            and name in TORCH_RANDOM
+            and not has_generator
+            or name in TORCH_RANDOM_METHODS
+            and not has_generator
+        ):
             problems.append(text)
     return problems
 

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import ROOT, BookBuild
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
-
-from conftest import ROOT, BookBuild
 
 # What a bare Colab runtime provides for this book; versions as pinned in requirements.txt.
 RUNTIME_PACKAGES = ("torch", "numpy", "matplotlib", "scikit-learn", "ipykernel")

@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 import jupytext
+from conftest import CHAPTERS, HTML, BookBuild, toc_files
 
 import ntkbook
-from conftest import CHAPTERS, HTML, BookBuild, toc_files
 
 SOLUTION_TAG = "hide-cell"
 

@@ -21,15 +21,15 @@ from dataclasses import dataclass
 import matplotlib
 
 matplotlib.use("Agg")  # figures for the plotting cases are never shown
-import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import ntkbook  # noqa: E402
-from ntkbook import (  # noqa: E402
+import ntkbook
+from ntkbook import (
     alignment,
     benchmark,
     benchmark_large,

@@ -20,10 +20,9 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
+from conftest import CHAPTERS, HTML, ROOT, BookBuild, toc_files
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import sync_playwright
-
-from conftest import CHAPTERS, HTML, ROOT, BookBuild, toc_files
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without these, headless Chromium keeps calling Google services, which a closed network refuses.
@@ -42,7 +41,7 @@ pytestmark = pytest.mark.slow
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -80,7 +79,7 @@ class _Anchors(HTMLParser):
         self.ids.update(value for key, value in attrs if key in ("id", "name") and value)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def anchors_of(path: Path) -> frozenset[str]:
     parser = _Anchors()
     parser.feed(path.read_text(encoding="utf-8"))

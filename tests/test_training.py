@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ntkbook import mlp
-from ntkbook.ntk import empirical_ntk
 from ntkbook.linearized import centered, critical_lr, linearize, ntk_predict, scaled
+from ntkbook.ntk import empirical_ntk
 from ntkbook.training import DivergenceError, train
 
 

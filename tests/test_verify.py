@@ -150,12 +150,12 @@ class NoBatchingRule(torch.autograd.Function):
     """A custom function without a vmap rule: torch.func cannot differentiate through it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return x.tanh()
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return g * (1 - x.tanh() ** 2)
 
@@ -187,7 +187,7 @@ def _x(n: int = 6, d: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, d, generator=gen(seed), dtype=F64)
 
 
-def _seeded(factory):  # noqa: ANN001, ANN202
+def _seeded(factory):
     def build() -> nn.Module:
         torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
         return factory().double()
@@ -266,7 +266,7 @@ def _mean_centred(out: torch.Tensor) -> torch.Tensor:
 
 
 class Mixing(nn.Module):
-    def __init__(self, mix) -> None:  # noqa: ANN001
+    def __init__(self, mix) -> None:
         super().__init__()
         self.net, self.mix = nn.Linear(3, 2), mix
 
@@ -305,7 +305,7 @@ class Noisy(nn.Module):
     ids=["minus the batch mean", "softmax over inputs", "cumsum over inputs"],
 )
 @pytest.mark.parametrize("method", METHODS)
-def test_outputs_mixed_across_the_batch_are_refused(mix, method: str) -> None:  # noqa: ANN001
+def test_outputs_mixed_across_the_batch_are_refused(mix, method: str) -> None:
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="depend on that input alone"):
         empirical_ntk(Mixing(mix).double(), _x(), method=method)
@@ -327,7 +327,7 @@ def _position_table(out: torch.Tensor) -> torch.Tensor:
 )
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("n", [10, 100])
-def test_outputs_that_depend_on_batch_position_are_refused(mix, method: str, n: int) -> None:  # noqa: ANN001
+def test_outputs_that_depend_on_batch_position_are_refused(mix, method: str, n: int) -> None:
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="depend on that input alone|reordered"):
         empirical_ntk(Mixing(mix).double(), _x(n), method=method)

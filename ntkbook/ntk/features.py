@@ -9,6 +9,10 @@ Grams. Two kinds exist:
   the output gradients ``G`` (n, k, m); since :math:`\\partial f/\\partial W = s\\, g a^\\top`, its share
   is :math:`(G G'^\\top) \\odot (s^2 A A'^\\top + s_b^2)` without ever forming ``g a^T``.
 
+A rule for another layer type may define its own kind: a subclass of :class:`Feature` that knows its
+rows, its explicit per-input gradients (to pair with a batch on which the layer needed the default
+rule), and overrides :meth:`Feature.pair` for a cheaper Gram with its own kind.
+
 Features are kept in a dict keyed by what they belong to (a layer's qualified name, or one tensor of
 all parameters), so that two batches are paired by layer, not by position: ``x1`` and ``x2`` may take
 different branches of a model, and a layer only one of them reaches contributes nothing.
@@ -16,13 +20,40 @@ different branches of a model, and a layer only one of them reaches contributes 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
 
+class Feature(ABC):
+    """One layer's (or one method's) per-input feature of a batch of ``n`` inputs with ``k`` outputs."""
+
+    @property
+    @abstractmethod
+    def n(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def k(self) -> int: ...
+
+    @abstractmethod
+    def rows(self, start: int, stop: int) -> Feature:
+        """The feature of inputs ``start:stop``."""
+
+    @abstractmethod
+    def as_gradients(self) -> PerInputGradients:
+        """The same share of the kernel as explicit per-input gradients ``(n, k, p)``."""
+
+    def pair(self, other: Feature, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This share of the kernel block against ``other`` (the same layer on another batch): a Gram in
+        ``mode``'s shape and an optional factor it is multiplied by elementwise. The default forms
+        both sides' per-input gradients; a kind overrides it for a cheaper route with its own kind."""
+        return gram(self.as_gradients().J, other.as_gradients().J, mode), None
+
+
 @dataclass
-class PerInputGradients:
+class PerInputGradients(Feature):
     """``J`` (n, k, p): per-input gradients of the outputs with respect to ``p`` parameters."""
 
     J: torch.Tensor
@@ -43,7 +74,7 @@ class PerInputGradients:
 
 
 @dataclass
-class DenseFactors:
+class DenseFactors(Feature):
     """A dense layer's factors: inputs ``A`` (n, d), or ``None`` when the weight is frozen; output
     gradients ``G`` (n, k, m); the squared weight and bias multipliers ``s2``, ``sb2`` (0 without a
     trainable bias)."""
@@ -76,8 +107,20 @@ class DenseFactors:
             parts.append(self.sb2**0.5 * self.G)
         return PerInputGradients(torch.cat(parts, dim=2))
 
+    def pair(self, other: Feature, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(other, DenseFactors):
+            return super().pair(other, mode)
+        g = gram(self.G, other.G, mode)
+        if self.A is None:
+            return g.mul_(self.sb2), None
+        # s^2 A A'^T + s_b^2 in one BLAS call; beta=0 skips the bias term of a layer without one.
+        inputs = torch.addmm(
+            self.A.new_tensor(self.sb2), self.A, other.A.T, beta=1.0 if self.sb2 else 0.0, alpha=self.s2
+        )
+        factor = inputs if mode == "trace" else inputs[:, :, None] if mode == "diagonal" else inputs[:, :, None, None]
+        return g, factor
 
-Feature = PerInputGradients | DenseFactors
+
 Features = dict[object, Feature]
 
 
@@ -107,19 +150,6 @@ def gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     return gram(a[:, :, :half], b[:, :, :half], mode).add_(gram(a[:, :, half:], b[:, :, half:], mode))
 
 
-def _pair(e1: Feature, e2: Feature, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer's share as a Gram and an optional elementwise factor (dense layers)."""
-    if isinstance(e1, DenseFactors) and isinstance(e2, DenseFactors):
-        g = gram(e1.G, e2.G, mode)
-        if e1.A is None:
-            return g.mul_(e1.sb2), None
-        # s^2 A A'^T + s_b^2 in one BLAS call; beta=0 skips the bias term of a layer without one.
-        inputs = torch.addmm(e1.A.new_tensor(e1.sb2), e1.A, e2.A.T, beta=1.0 if e1.sb2 else 0.0, alpha=e1.s2)
-        factor = inputs if mode == "trace" else inputs[:, :, None] if mode == "diagonal" else inputs[:, :, None, None]
-        return g, factor
-    return gram(e1.as_gradients().J, e2.as_gradients().J, mode), None
-
-
 def contract(f1: Features, f2: Features, mode: str) -> torch.Tensor:
     """The kernel block of two feature sets: the sum over their common keys of each share. With one
     output every mode is the ``(n1, n2)`` matrix, computed as such."""
@@ -132,7 +162,7 @@ def contract(f1: Features, f2: Features, mode: str) -> torch.Tensor:
     for key, e1 in f1.items():
         if key not in f2:
             continue
-        g, factor = _pair(e1, f2[key], mode)
+        g, factor = e1.pair(f2[key], mode)
         if total is None:
             total = g.mul_(factor) if factor is not None else g
         elif factor is None:
@@ -140,8 +170,7 @@ def contract(f1: Features, f2: Features, mode: str) -> torch.Tensor:
         else:
             total.addcmul_(g, factor)
     if total is None:
-        ref = first.G if isinstance(first, DenseFactors) else first.J
-        return ref.new_zeros(shape)
+        return first.rows(0, 0).as_gradients().J.new_zeros(shape)  # an empty slice: only its dtype and device
     return total
 
 

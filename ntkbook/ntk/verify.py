@@ -106,9 +106,9 @@ class VerificationError(ValueError):
 
 def unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     """The unit roundoff of products in ``dtype`` on ``device``: TF32's 2^-11 where a GPU allows it."""
-    if dtype == torch.float32 and device.type == "cuda":
-        if torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32:
-            return 2.0**-11
+    tf32 = torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32
+    if dtype == torch.float32 and device.type == "cuda" and tf32:
+        return 2.0**-11
     return torch.finfo(dtype).eps / 2
 
 

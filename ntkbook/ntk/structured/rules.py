@@ -26,7 +26,7 @@ class NotStructuredError(ValueError):
     """The model breaks an assumption of ``method="structured"``; the message names the module."""
 
 
-LayerRule = Callable[[nn.Module, str, tuple, torch.Tensor], "Feature | None"]
+LayerRule = Callable[[nn.Module, str, tuple, torch.Tensor], Feature | None]
 RULES: dict[type, LayerRule] = {}
 
 
