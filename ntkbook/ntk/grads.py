@@ -10,27 +10,28 @@ def flat_gradient(
     params: list[torch.Tensor],
     cotangent: torch.Tensor | None,
     retain_graph: bool,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:math:`\\nabla_\\theta \\langle c, f \\rangle` for the cotangent ``c`` (the shape of ``output``;
     ``None`` for a scalar output), as one flat vector over ``params`` in order: unused parameters give
-    zeros, sparse gradients (``nn.Embedding(sparse=True)``) are made dense; written into ``out`` if given.
+    zeros, sparse gradients (``nn.Embedding(sparse=True)``) are made dense.
 
     A model with reentrant ``torch.utils.checkpoint`` cannot be differentiated by
     ``torch.autograd.grad``; it gets ``backward()`` instead, with every ``.grad`` restored after."""
+    grads = parameter_gradients(output, params, cotangent, retain_graph)
+    parts = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
+    return torch.cat(parts)
+
+
+def parameter_gradients(
+    output: torch.Tensor, params: list[torch.Tensor], cotangent: torch.Tensor | None, retain_graph: bool
+) -> list[torch.Tensor | None]:
+    """:math:`\\nabla_\\theta \\langle c, f \\rangle` per parameter, ``None`` where a parameter is unused;
+    dense (``nn.Embedding(sparse=True)`` gives sparse gradients)."""
     if not output.requires_grad:
         # An output that no trainable parameter reaches (a frozen branch) has a zero gradient.
-        grads = [None] * len(params)
-    else:
-        grads = _autograd_gradients(output, params, cotangent, retain_graph)
-    parts = []
-    for g, p in zip(grads, params):
-        if g is None:
-            g = torch.zeros_like(p)
-        elif g.layout != torch.strided:
-            g = g.to_dense()
-        parts.append(g.reshape(-1))
-    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+        return [None] * len(params)
+    grads = _autograd_gradients(output, params, cotangent, retain_graph)
+    return [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads]
 
 
 def _autograd_gradients(

@@ -85,8 +85,8 @@ import math
 import torch
 
 from ntkbook.ntk.blocks import ranges
-from ntkbook.ntk.features import GRAM_CHUNK, float64_dots
-from ntkbook.ntk.grads import flat_gradient
+from ntkbook.ntk.features import GRAM_CHUNK, float64_gram
+from ntkbook.ntk.grads import parameter_gradients
 from ntkbook.ntk.request import Request, apply
 
 PROBE_SEED = 2018
@@ -146,8 +146,10 @@ class Verifier:
         return probes.transpose(1, 2)[:, :, :, None] * eye[None, :, None, :]
 
     def _gradients(self, name: str, x: torch.Tensor, rows: torch.Tensor, cot: torch.Tensor) -> tuple:
-        """:math:`J^\\top c` for every cotangent ``c``, ``(m, o, P)`` in the model's dtype, and the outputs ``(r, k)``;
-        in chunks of ``chunk_size`` rows, as the kernel was, so memory stays bounded alike.
+        """:math:`J^\\top c` for every cotangent ``c`` of ``cot`` (m, o, r, k), as a list of ``m o`` gradients,
+        each a list of per-parameter tensors (``None`` where unused; never concatenated, which would copy
+        every gradient once more), and the outputs ``(r, k)``; in chunks of ``chunk_size`` rows, as the
+        kernel was, so memory stays bounded alike.
 
         Each chunk runs with one extra, unprobed input (a copy of the first probed row, with a zero
         cotangent), so the batch the identity differentiates is never the one the kernel was computed
@@ -156,39 +158,45 @@ class Verifier:
         differentiates another batch than the kernel's, and its kernel fails the identity."""
         request = self.request
         m, o = cot.shape[:2]
-        total = None
+        total: list[list[torch.Tensor | None]] | None = None
         outputs = []
         extra = rows[:1]
         for start, stop in ranges(len(rows), request.chunk_size):
             out = apply(request.model, name, x[torch.cat([rows[start:stop], extra]).to(x.device)])
             outputs.append(out[:-1].detach())
             c = cot[:, :, start:stop].to(out.dtype).to(out.device)
-            c = torch.cat([c, c.new_zeros(m, o, 1, c.shape[-1])], dim=2)
-            grads = out.new_empty(m, o, request.num_params)
-            for a in range(m):
-                for b in range(o):
-                    last = (a, b) == (m - 1, o - 1)
-                    flat_gradient(out, request.params, c[a, b], retain_graph=not last, out=grads[a, b])
-            total = grads if total is None else total.add_(grads)
+            c = torch.cat([c, c.new_zeros(m, o, 1, c.shape[-1])], dim=2).reshape(m * o, *out.shape)
+            grads = [parameter_gradients(out, request.params, ci, retain_graph=i + 1 < m * o) for i, ci in enumerate(c)]
+            total = grads if total is None else [[_add(t, g) for t, g in zip(ts, gs)] for ts, gs in zip(total, grads)]
         return total, torch.cat(outputs)
 
     def sides(self) -> tuple:
-        """``(rows1, probes1, grads1, rows2, probes2, grads2)``, after the batch checks."""
+        """``(rows1, probes1, rows2, probes2, dots, norms1, norms2)``, after the batch checks: the probed
+        rows and probes of each side, the inner products :math:`\\langle J_1^\\top c_1, J_2^\\top c_2\\rangle`
+        ``(m, o, m, o)`` of every pair of cotangents and their norms ``(m, o)``, in float64."""
         if self._sides is None:
             request = self.request
             rows1 = self._rows(request.x1.shape[0])
             # With x2 = x1 one set of probes serves both sides: every pair (a, b), a = b included, is a check.
             probes1 = self._probes(SYMMETRIC_PROBES if request.symmetric else PROBES, len(rows1))
-            grads1, out1 = self._gradients("x1", request.x1, rows1, self._cotangents(probes1))
-            rows2, probes2, grads2 = rows1, probes1, grads1
+            grads, out1 = self._gradients("x1", request.x1, rows1, self._cotangents(probes1))
+            rows2, probes2 = rows1, probes1
             if not request.symmetric:
                 rows2 = self._rows(request.x2.shape[0])
                 probes2 = self._probes(PROBES, len(rows2))
                 grads2, out2 = self._gradients("x2", request.x2, rows2, self._cotangents(probes2))
+                grads += grads2
             self._check_batch("x1", request.x1, rows1, out1, True)
             if not request.symmetric:
                 self._check_batch("x2", request.x2, rows2, out2, False)
-            self._sides = rows1, probes1, grads1, rows2, probes2, grads2
+            # The Gram of all J^T c (rounding like a kernel entry's): with x2 given, of both sides together,
+            # whose diagonal gives the norms. The gradients are dropped once it is known.
+            gram = float64_gram(grads)
+            m, o = probes1.shape[0], len(grads) // (1 if request.symmetric else 2) // probes1.shape[0]
+            norms = gram.diagonal().clamp_min(0).sqrt()
+            dots = gram[: m * o, -m * o :].reshape(m, o, m, o)
+            norms1, norms2 = norms[: m * o].reshape(m, o), norms[-m * o :].reshape(m, o)
+            self._sides = rows1, probes1, rows2, probes2, dots, norms1, norms2
         return self._sides
 
     def _check_batch(self, name: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, again: bool) -> None:
@@ -247,14 +255,10 @@ class Verifier:
 
     def check(self, kernel: torch.Tensor, method: str) -> None:
         """Raise :class:`VerificationError` if ``kernel`` fails the identity on any probe pair."""
-        rows1, probes1, grads1, rows2, probes2, grads2 = self.sides()
+        rows1, probes1, rows2, probes2, dots, norms1, norms2 = self.sides()
         factor = TOLERANCE_FACTORS.get(self.request.reference.dtype, TOLERANCE_FACTOR)
         rho = factor * self.roundoff * math.sqrt(self.summation_length(max(len(rows1), len(rows2))))
         block = kernel.detach()[rows1.to(kernel.device)][:, rows2.to(kernel.device)].double().cpu()
-        m, o = grads1.shape[:2]
-        # All inner products <J1^T c, J2^T c'> by the pairwise Gram (rounding like a kernel entry's).
-        dots = float64_dots(grads1.reshape(m * o, -1), grads2.reshape(m * o, -1)).reshape(m, o, m, o)
-        norms1, norms2 = grads1.norm(dim=2).double().cpu(), grads2.norm(dim=2).double().cpu()
         if block.ndim == 2 and self.request.k == 1:
             block = block[:, :, None, None]
         lhs, rhs, grad_scale, probe_scale, rms = _identity_terms(block, probes1, probes2, dots, norms1, norms2)
@@ -263,6 +267,13 @@ class Verifier:
         self.last_ratio = ratio
         if not ratio <= 1.0:
             raise VerificationError(_failure(method, ratio, self.request.reference.dtype))
+
+
+def _add(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
+    """Two chunks' gradients of one parameter added (in place), ``None`` meaning zero."""
+    if total is None or part is None:
+        return part if total is None else total
+    return total.add_(part)
 
 
 def _identity_terms(
