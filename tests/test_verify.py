@@ -4,6 +4,7 @@ and a bounded number of forward passes."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -183,6 +184,17 @@ def _double(model: nn.Module) -> nn.Module:
     return model.double()
 
 
+class Squeezed(nn.Module):
+    """Ends in ``.squeeze()``: a single input's outputs lose their batch dimension, ``()`` or ``(k,)``."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(3, 8), nn.Linear(8, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inner(x))).squeeze()
+
+
 def _x(n: int = 6, d: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, d, generator=gen(seed), dtype=F64)
 
@@ -222,6 +234,8 @@ CONTRACT_CASES = {
         None,
     ),
     "custom autograd.Function without vmap": lambda: (_seeded(CustomFunction)(), _x(), None),
+    "ends in .squeeze(), one output": lambda: (_seeded(lambda: Squeezed(1))(), _x(), None),
+    "ends in .squeeze(), three outputs": lambda: (_seeded(lambda: Squeezed(3))(), _x(), _x(1, 3, 2)),
     "reentrant checkpoint": lambda: (_seeded(lambda: Checkpointed(True))(), _x(), None),
     "non-reentrant checkpoint": lambda: (_seeded(lambda: Checkpointed(False))(), _x(), None),
 }
@@ -309,6 +323,37 @@ def test_outputs_mixed_across_the_batch_are_refused(mix, method: str) -> None:
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="depend on that input alone"):
         empirical_ntk(Mixing(mix).double(), _x(), method=method)
+
+
+class Cancelling(nn.Module):
+    """Adds and subtracts two large products of the input: float32 rounds them differently in a batch and
+    alone, by more than the batch check's tolerance, though each output depends on its input alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(8, 16), nn.Linear(16, 1)
+        self.register_buffer("big", torch.randn(16, 8, generator=gen(0)) * 3e3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cancelled = (x @ self.big.T).sum(1, keepdim=True) - (x @ self.big.T.flip(1)).sum(1, keepdim=True)
+        return self.head(torch.tanh(self.inner(x))) + cancelled
+
+
+def test_float32_rounding_with_cancellation_is_not_taken_for_mixing() -> None:
+    torch.manual_seed(0)
+    model, x = Cancelling(), torch.randn(40, 8, generator=gen(1))
+    with torch.no_grad():
+        out = model(x)
+        gap = max(float((model(x[i : i + 1]) - out[i]).abs().max()) for i in range(40)) / float(
+            out.pow(2).mean().sqrt()
+        )
+    print(f"float32 outputs alone and in the batch differ by {gap:.2g} of their scale")
+    assert gap > 2 * math.sqrt(2.0**-24)  # beyond the batch check's float32 tolerance: the float64 copy decides
+    exact = empirical_ntk(copy.deepcopy(model).double(), x.double())
+    kernel = empirical_ntk(model, x).double()
+    assert float((kernel - exact).norm() / exact.norm()) < 1e-5  # the parameters never meet the cancellation: 8e-8 here
+    with pytest.raises(ValueError, match="depend on that input alone"):
+        empirical_ntk(Mixing(_mean_centred), x[:, :3])  # float32 mixing is still refused, by the float64 copy too
 
 
 def _one_middle_row_mixed(out: torch.Tensor) -> torch.Tensor:
@@ -536,6 +581,23 @@ def test_the_rank_one_error_is_the_least_favourable_and_the_stated_bounds_hold()
     verifier = Verifier(make_request(model, x, None, "structured", "full", None))
     rho = verification.TOLERANCE_FACTOR * 2.0**-24 * math.sqrt(verifier.summation_length(16))
     assert max(symmetric_miss_bound(4 * rho / 2e-3, m_sym), miss_bound(4 * rho / 2e-3, m)) < 2e-4
+
+
+def test_probed_rows_follow_the_inputs_not_only_their_number() -> None:
+    """An error confined to one batch position is not missed for every batch of that size: the rows and
+    probes are drawn from a seed that depends on the inputs, and the same inputs get the same draw."""
+    model = mlp(4, 8, 1, generator=gen(0))
+
+    def probed(x: torch.Tensor) -> torch.Tensor:
+        return Verifier(make_request(model, x, None, "structured", "full", None))._rows(x.shape[0])
+
+    batches = [torch.randn(320, 4, generator=gen(seed)) for seed in range(8)]
+    draws = [probed(x) for x in batches]
+    assert torch.equal(draws[0], probed(batches[0].clone()))
+    assert all(d[0] == 0 and d[-1] == 319 and len(d) == 20 for d in draws)
+    seen = torch.unique(torch.cat(draws))
+    print(f"8 batches of 320 probed {len(seen)} distinct rows, 20 each")
+    assert len(seen) > 100  # 8 independent draws of 18 of the 318 middle rows cover about 118; one seed, 18
 
 
 # --- exact symmetry ---------------------------------------------------------------------------------

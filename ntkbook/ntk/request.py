@@ -115,7 +115,10 @@ def refuse_random_or_batch_layers(model: nn.Module) -> None:
 
 
 def as_rows(name: str, out: object, n: int) -> torch.Tensor:
-    """Outputs of shape ``(n,)`` or ``(n, k)`` with ``k >= 1`` as ``(n, k)``, or explain why not."""
+    """Outputs of shape ``(n,)`` or ``(n, k)`` with ``k >= 1`` as ``(n, k)``, or explain why not. A single
+    input may give ``()`` or ``(k,)``: a model that ends in ``.squeeze()`` drops its batch dimension then."""
+    if n == 1 and isinstance(out, torch.Tensor) and out.ndim <= 1 and out.numel() > 0:
+        out = out.reshape(1, -1)
     if not isinstance(out, torch.Tensor) or out.ndim not in (1, 2) or out.shape[0] != n:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(
