@@ -619,6 +619,20 @@ def test_symmetric_kernels_are_exactly_symmetric(n: int, method: str) -> None:
                 assert torch.equal(kernel, kernel.T), (mode, chunk)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_the_same_batch_twice_costs_what_one_batch_costs(method: str) -> None:
+    """``empirical_ntk(model, x, x)`` is the symmetric kernel: the same runs of the model, the same bits."""
+    model = mlp(4, 16, 2, 3, generator=gen(0))
+    x = torch.randn(20, 4, generator=gen(1))
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    once = empirical_ntk(model, x, method=method)
+    runs_once, calls[:] = list(calls), []
+    twice = empirical_ntk(model, x, x.clone(), method=method)
+    assert calls == runs_once
+    assert torch.equal(twice, once)
+
+
 def test_auto_runs_the_model_a_bounded_number_of_times() -> None:
     class TiedHead(nn.Module):
         def __init__(self) -> None:

@@ -30,8 +30,9 @@ def empirical_ntk(
         x1: inputs of shape ``(n1, ...)`` on the model's device: floating inputs in the model's dtype,
             or integer inputs (token ids for an ``nn.Embedding``). Detached on entry: the NTK
             differentiates the parameters, never the inputs.
-        x2: inputs of shape ``(n2, ...)``; ``None`` means ``x1``: per-input quantities are computed once,
-            and the kernel is exactly symmetric (one triangle of blocks computed, the other mirrored).
+        x2: inputs of shape ``(n2, ...)``; ``None`` (or a batch equal to ``x1``) means ``x1``: per-input
+            quantities are computed once, and the kernel is exactly symmetric (one triangle of blocks
+            computed, the other mirrored).
         method: ``"loop"`` (one backward pass per input and output), ``"jacobian"`` (``vmap(jacrev)``
             and a contraction per parameter tensor), ``"implicit"`` (``vjp`` then ``jvp``, never forming
             the Jacobian of ``x1``), ``"structured"`` (one forward pass, one backward pass per output to
