@@ -390,6 +390,18 @@ def test_gradients_mixed_across_the_batch_are_refused(method: str, n: int) -> No
         empirical_ntk(Mixing(_mixed_in_the_gradient_only).double(), _x(n), method=method)
 
 
+def _mixed_through_the_first_row(out: torch.Tensor) -> torch.Tensor:
+    return out + (out[:1] - out[:1].detach())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_mixed_through_the_first_row_are_refused_on_a_probed_subset(method: str) -> None:
+    """With 100 inputs a subset is probed, in a random order: its first row is not the batch's first."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="disagrees with the model's own autograd"):
+        empirical_ntk(Mixing(_mixed_through_the_first_row).double(), _x(100), method=method)
+
+
 class _Temperature(nn.Module):
     def __init__(self) -> None:
         super().__init__()

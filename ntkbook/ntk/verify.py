@@ -68,13 +68,15 @@ in ``tests/test_verify.py``; two methods then disagree by as much, the check may
 its message says to compute in float64.
 
 **Batch independence and determinism** are checked on the probed rows first
-(:mod:`ntkbook.ntk.independence`). Gradients that mix the batch while the outputs do not (a batch statistic
-added and subtracted detached) are caught by the identity itself: its batch carries one extra, unprobed
-input at its end, so it never differentiates the batch the kernel was computed on. A statistic that one
-repeated input at the end cannot change (the batch's first or largest output) still escapes. (Placing
-the extra input first, which would catch the first row, moves the rounding of the other rows' products
-enough to flip a ReLU unit whose pre-activation is within rounding of zero, and refuses correct float32
-kernels.)
+(:mod:`ntkbook.ntk.independence`). Gradients that mix the batch while the outputs do not (a batch
+statistic added and subtracted detached) are caught by the identity itself: its batch carries one extra,
+unprobed input at its end, so it never differentiates the batch the kernel was computed on. A subset of a
+larger batch runs in a random order, so a statistic of the batch's first row is caught as well (unless
+the first row happens to come first again, with probability one in the number of probed rows). Where
+every row is probed (up to ``ALL_ROWS``) the rows keep their positions, and a statistic that one repeated
+input at the end cannot change (the batch's first or largest output) escapes: moving the rows would
+change how float32 rounds their products, enough to flip a ReLU unit whose pre-activation is within
+rounding of zero, and would refuse correct kernels.
 """
 
 from __future__ import annotations
@@ -159,18 +161,26 @@ class Verifier:
     def _gradients(self, name: str, x: torch.Tensor, rows: torch.Tensor, cot: torch.Tensor) -> tuple:
         """:math:`J^\\top c` for every cotangent ``c`` of ``cot`` (m, o, r, k), as a list of ``m o`` gradients,
         each a list of per-parameter tensors (``None`` where unused; never concatenated, which would copy
-        every gradient once more), and the outputs ``(r, k)``; in chunks of ``chunk_size`` rows, as the
+        every gradient once more), and the outputs ``(r, k)`` in the order of ``rows``; in chunks of ``chunk_size`` rows, as the
         kernel was, so memory stays bounded alike.
 
         Each chunk runs with one extra, unprobed input (a copy of the first probed row, with a zero
         cotangent), so the batch the identity differentiates is never the one the kernel was computed
         on: for a model within the contract the extra row changes nothing, while a model whose gradients
         mix the batch (a batch statistic detached in the forward pass, which no output shows) then
-        differentiates another batch than the kernel's, and its kernel fails the identity."""
+        differentiates another batch than the kernel's, and its kernel fails the identity. A subset of a
+        larger batch also runs in a random order, so that its first row is seldom the batch's first (a
+        statistic of the first row escapes the extra input at the end). Where every row is probed they
+        keep their positions: a float32 row moved to another position of a batch of the same size rounds
+        differently, and a ReLU unit within rounding of zero may flip."""
         request = self.request
         m, o = cot.shape[:2]
         total: list[list[torch.Tensor | None]] | None = None
         outputs = []
+        order = torch.arange(len(rows))
+        if len(rows) < x.shape[0]:
+            order = torch.randperm(len(rows), generator=self.generator)
+        rows, cot = rows[order], cot[:, :, order]
         extra = rows[:1]
         for start, stop in ranges(len(rows), request.chunk_size):
             out = apply(request.model, name, x[torch.cat([rows[start:stop], extra]).to(x.device)])
@@ -179,7 +189,7 @@ class Verifier:
             c = torch.cat([c, c.new_zeros(m, o, 1, c.shape[-1])], dim=2).reshape(m * o, *out.shape)
             grads = [parameter_gradients(out, request.params, ci, retain_graph=i + 1 < m * o) for i, ci in enumerate(c)]
             total = grads if total is None else [[_add(t, g) for t, g in zip(ts, gs)] for ts, gs in zip(total, grads)]
-        return total, torch.cat(outputs)
+        return total, torch.cat(outputs)[order.argsort().to(x.device)]
 
     def sides(self) -> tuple:
         """``(rows1, probes1, rows2, probes2, dots, norms1, norms2)``, after the batch checks: the probed
