@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ntkbook.ntk.features import Features, PerInputGradients
+from ntkbook.ntk.structured import conv as _conv  # noqa: F401  (registers the convolution rule)
 from ntkbook.ntk.structured import dense as _dense  # noqa: F401  (registers the dense rule)
 from ntkbook.ntk.structured.record import layers, record_layers
 from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature
