@@ -4,7 +4,7 @@ The kernel is a sum over layers :math:`l` of :math:`J_l J_l'^\\top`, where :math
 gradients of the outputs with respect to layer :math:`l`'s own parameters. Each :math:`J_l` follows from
 what the layer saw, its inputs :math:`a_i`, and the gradients :math:`g_{ia} = \\partial f_a(x_i)/\\partial z_i`
 of the outputs with respect to its output: one forward pass and one backward pass per output (to the
-layer outputs, not to the parameters), then a rule per layer (:mod:`.rules`, :mod:`.dense`).
+layer outputs, not to the parameters), then a rule per layer (:mod:`.rules`, :mod:`.dense`, :mod:`.conv`).
 """
 
 from __future__ import annotations
