@@ -237,8 +237,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--block-size", type=int, default=None, help="inputs per block side with --large (4096)")
     parser.add_argument("--folder", default=None, help="where --large writes its file (a temporary folder)")
+    parser.add_argument("--cnn", action="store_true", help="the CNN of issue 13 side by side (trace mode, n=64)")
+    parser.add_argument("--implicit", action="store_true", help="with --cnn, also time method='implicit' (slow)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cnn:
+        from ntkbook.benchmark_cnn import format_cnn, run_cnn
+
+        rows = run_cnn(args.n or 64, args.repeats, args.implicit)
+        print(json.dumps(rows, indent=1) if args.json else format_cnn(rows))
+        return
     if args.large:
         # Imported here: ntkbook.benchmark_large builds its case with this module's build_case.
         from ntkbook.benchmark_large import LARGE_BLOCK, LARGE_N, LARGE_WIDTH, format_large, run_large

@@ -32,6 +32,7 @@ import ntkbook
 from ntkbook import (
     alignment,
     benchmark,
+    benchmark_cnn,
     benchmark_large,
     blocked,
     cnn_kernels,
@@ -1262,12 +1263,34 @@ LARGE_CASES: list[Bad] = [
 ]
 
 
+BENCHMARK_CNN_CASES: list[Bad] = [
+    Bad("benchmark_cnn.cnn_case", "n 0", lambda: benchmark_cnn.cnn_case(0), ValueError, "n"),
+    Bad("benchmark_cnn.floor_flops", "n 2.5", lambda: benchmark_cnn.floor_flops(2.5), TypeError, "n"),
+    Bad("benchmark_cnn.run_cnn", "repeats 0", lambda: benchmark_cnn.run_cnn(2, 0), ValueError, "repeats"),
+    Bad("benchmark_cnn.run_cnn", "implicit 'yes'", lambda: benchmark_cnn.run_cnn(2, 1, "yes"), TypeError, "implicit"),
+    Bad(
+        "benchmark_cnn.format_cnn",
+        "row of another table",
+        lambda: benchmark_cnn.format_cnn([{"n": 8}]),
+        ValueError,
+        "rows",
+    ),
+]
+
+
 # Public callables with nothing to refuse: no arguments, or a command line (argparse reports its own errors).
 NO_ARGUMENTS = {"ntkbook.default_device", "plotting.set_style", "benchmark.main", "blocked.local_device"}
 # Result containers that ntkbook's own functions fill in (train, ntk_predict, nngp_predict), never built by readers.
 NOT_CALLED_BY_USERS = {"training.History", "linearized.NTKPrediction", "predict.GaussianPrediction"}
 BAD_INPUT += (
-    TRAINING_CASES + PREDICT_CASES + ALIGNMENT_CASES + BENCHMARK_CASES + BLOCKED_CASES + LARGE_CASES + CNN_CASES
+    TRAINING_CASES
+    + PREDICT_CASES
+    + ALIGNMENT_CASES
+    + BENCHMARK_CASES
+    + BLOCKED_CASES
+    + LARGE_CASES
+    + CNN_CASES
+    + BENCHMARK_CNN_CASES
 )
 
 

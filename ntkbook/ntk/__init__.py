@@ -20,7 +20,10 @@ The methods differ only in how they avoid paying for that product (Novak, Sohl-D
   :math:`z = s W a + s_b b`, :math:`\\partial f/\\partial W = s\\, g a^\\top` with :math:`g = \\partial f/\\partial z`,
   so its share of :math:`\\Theta` is :math:`(G G'^\\top) \\odot (s^2 A A'^\\top + s_b^2)`: one forward
   pass, one backward pass per output to the layer *outputs*, then Gram matrices of size
-  :math:`n_1 \\times n_2`. Other layers get per-input gradients of their own parameters.
+  :math:`n_1 \\times n_2`. A convolution's weight gradient is :math:`s\\, g P^\\top` with :math:`P` its
+  unfolded input patches, so its share is formed from per-input weight gradients (one batched
+  product) or from patch Grams, whichever costs fewer flops (``structured/conv.py``). Other layers
+  get per-input gradients of their own parameters, by ``vmap``.
 
 Whatever the method, the kernel is verified before it is returned (``ntkbook.ntk.verify``, below).
 
@@ -29,7 +32,8 @@ Introduced in chapter 1 (:doc:`/chapters/01_loop_ntk`); the methods, modes and c
 
 The package's modules: ``request`` (the checked call), ``features`` (per-input features and their Grams),
 ``blocks`` (the block grid and exact symmetry), ``loop``, ``jacobian``, ``implicit`` and ``structured``
-(one method each; ``structured/rules.py`` holds the registry of per-layer rules), ``verify``, ``budget``
+(one method each; ``structured/rules.py`` holds the registry of per-layer rules, ``structured/dense.py``
+and ``structured/conv.py`` the rules for dense layers and convolutions), ``verify``, ``budget``
 (memory and cost) and ``auto`` (the fallback ladder).
 """
 

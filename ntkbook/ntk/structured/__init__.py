@@ -4,7 +4,7 @@ The kernel is a sum over layers :math:`l` of :math:`J_l J_l'^\\top`, where :math
 gradients of the outputs with respect to layer :math:`l`'s own parameters. Each :math:`J_l` follows from
 what the layer saw, its inputs :math:`a_i`, and the gradients :math:`g_{ia} = \\partial f_a(x_i)/\\partial z_i`
 of the outputs with respect to its output: one forward pass and one backward pass per output (to the
-layer outputs, not to the parameters), then a rule per layer (:mod:`.rules`, :mod:`.dense`).
+layer outputs, not to the parameters), then a rule per layer (:mod:`.rules`, :mod:`.dense`, :mod:`.conv`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ntkbook.ntk.features import Features, PerInputGradients
+from ntkbook.ntk.structured import conv as _conv  # noqa: F401  (registers the convolution rule)
 from ntkbook.ntk.structured import dense as _dense  # noqa: F401  (registers the dense rule)
 from ntkbook.ntk.structured.record import layers, record_layers
 from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature
