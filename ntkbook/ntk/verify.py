@@ -68,7 +68,7 @@ in ``tests/test_verify.py``; two methods then disagree by as much, the check may
 its message says to compute in float64.
 
 **Batch independence and determinism** are checked on the probed rows first
-(:mod:`ntkbook.ntk.independence`). Gradients that mix the batch while the outputs do not (a batch
+(``ntkbook.ntk.independence``). Gradients that mix the batch while the outputs do not (a batch
 statistic added and subtracted detached) are caught by the identity itself: its batch carries one extra,
 unprobed input at its end, so it never differentiates the batch the kernel was computed on. A subset of a
 larger batch runs in a random order, so a statistic of the batch's first row is caught as well (unless
@@ -221,7 +221,7 @@ class Verifier:
         return self._sides
 
     def _check_batch(self, name: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, again: bool) -> None:
-        """Batch independence and determinism on the probed rows (:mod:`ntkbook.ntk.independence`)."""
+        """Batch independence and determinism on the probed rows (``ntkbook.ntk.independence``)."""
         picks = [0, len(rows) - 1]
         if len(rows) > 2:
             picks.append(int(torch.randint(1, len(rows) - 1, (1,), generator=self.generator)))
