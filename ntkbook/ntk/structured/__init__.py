@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from ntkbook.ntk.features import Features, PerInputGradients
-from ntkbook.ntk.structured import dense as _dense  # noqa: F401  (registers the dense rule)
+from ntkbook.ntk.structured import attention as _attention  # noqa: F401  (registers each layer's rule)
+from ntkbook.ntk.structured import dense as _dense  # noqa: F401
+from ntkbook.ntk.structured import embedding as _embedding  # noqa: F401
+from ntkbook.ntk.structured import norms as _norms  # noqa: F401
 from ntkbook.ntk.structured.record import layers, record_layers
 from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature
 
@@ -51,9 +54,9 @@ def structured_features(model: nn.Module, found: dict[nn.Module, str], name: str
         return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
     features: Features = {}
     for module, g in zip(order, _output_gradients(out, [captured[m][1] for m in order])):
-        args, z = captured[module]
+        args, z, kwargs = captured[module]
         if g is None:
             g = torch.zeros(n, k, *z.shape[1:], dtype=z.dtype, device=z.device)
         args = tuple(t.detach() for t in args)
-        features[found[module]] = layer_feature(module, found[module], args, g.detach())
+        features[found[module]] = layer_feature(module, found[module], args, g.detach(), kwargs)
     return features

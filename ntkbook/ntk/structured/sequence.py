@@ -1,0 +1,120 @@
+"""A dense layer applied at every position of a sequence: ``nn.Linear`` on ``(n, ..., d)`` inputs.
+
+For :math:`z_{is} = s W a_{is} + s_b b` at positions :math:`s = 1..S` of input :math:`i` (all leading
+dimensions after the batch flattened into one), the gradient of output :math:`f_c(x_i)` is a sum over
+positions, :math:`\\partial f_c/\\partial W = s \\sum_s g_{isc} a_{is}^\\top = s\\, G_{ic}^\\top A_i` and
+:math:`\\partial f_c/\\partial b = s_b \\sum_s g_{isc}`, with :math:`g_{isc} = \\partial f_c(x_i)/\\partial z_{is}`.
+The layer's share of the kernel is therefore
+
+.. math::
+
+    \\Theta^{(l)}_{cc'}(x_i, x_j) = \\sum_{s,t} \\langle g_{isc}, g_{jtc'} \\rangle
+    \\big(s^2 \\langle a_{is}, a_{jt} \\rangle + s_b^2\\big),
+
+which two routes compute exactly:
+
+- **per-input gradients** :math:`J_{ic} = s\\, G_{ic}^\\top A_i` (``m x d`` each) and their Gram:
+  :math:`(n_1 + n_2) k S m d` multiply-adds to form them, :math:`n_1 n_2 c\\, m d` for the Gram
+  (:math:`c = k^2` in full mode, :math:`k` in trace and diagonal modes); memory :math:`n k m d`;
+- **token-pair Grams**, the Gram of the output gradients over all position pairs times the Gram of the
+  inputs: :math:`n_1 n_2 S_1 S_2 (d + c\\, m)` multiply-adds, memory :math:`n_1 n_2 S_1 S_2 c`.
+
+:meth:`SequenceFactors.pair` takes the cheaper (Novak et al., 2022, make the same choice between
+"structured derivatives" and the Jacobian contraction). With :math:`S = 1` the token-pair route is the
+dense rule of :mod:`.dense`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ntkbook.ntk.features import Feature, PerInputGradients
+
+
+@dataclass
+class SequenceFactors(Feature):
+    """Inputs ``A`` (n, S, d), or ``None`` when the weight is frozen; output gradients ``G`` (n, k, S, m);
+    the squared multipliers ``s2`` and ``sb2`` (0 without a trainable bias). The per-input gradients
+    are formed once, when first needed, and kept: the symmetric kernel pairs one batch many times."""
+
+    A: torch.Tensor | None
+    G: torch.Tensor
+    s2: float
+    sb2: float
+    _gradients: PerInputGradients | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def n(self) -> int:
+        return self.G.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.G.shape[1]
+
+    def rows(self, start: int, stop: int) -> SequenceFactors:
+        a = None if self.A is None else self.A[start:stop]
+        return SequenceFactors(a, self.G[start:stop], self.s2, self.sb2)
+
+    def as_gradients(self) -> PerInputGradients:
+        """``s G_ic^T A_i`` flattened (weight rows then columns, as ``weight.flatten()``), then
+        ``s_b sum_s g_isc``: the layout of the default rule and of :class:`~ntkbook.ntk.features.DenseFactors`."""
+        if self._gradients is None:
+            n, k, _, m = self.G.shape
+            parts = []
+            if self.A is not None:
+                weight = self.G.transpose(2, 3) @ self.A[:, None]  # (n, k, m, d)
+                parts.append((weight if self.s2 == 1.0 else weight.mul_(self.s2**0.5)).reshape(n, k, -1))
+            if self.sb2:
+                parts.append(self.sb2**0.5 * self.G.sum(2))
+            self._gradients = PerInputGradients(torch.cat(parts, dim=2))
+        return self._gradients
+
+    def _per_input_cost(self, other: SequenceFactors, c: int) -> int:
+        m, d = self.G.shape[3], 0 if self.A is None else self.A.shape[2]
+        cost = self.n * other.n * c * (m * d + m)
+        for side in (self, other):
+            cost += 0 if side._gradients is not None else side.n * side.k * side.G.shape[2] * m * d
+        return cost
+
+    def pair(self, other: Feature, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(other, SequenceFactors):
+            return super().pair(other, mode)
+        c = self.k * self.k if mode == "full" else self.k
+        (n1, k, s1, m), (n2, _, s2, _) = self.G.shape, other.G.shape
+        d = 0 if self.A is None else self.A.shape[2]
+        if self._per_input_cost(other, c) <= n1 * n2 * s1 * s2 * (d + c * m + c):
+            return super().pair(other, mode)
+        return self._token_pairs(other, mode), None
+
+    def _token_pairs(self, other: SequenceFactors, mode: str) -> torch.Tensor:
+        """:math:`\\sum_{s,t} (G G'^\\top)_{is,jt} (s^2 A A'^\\top + s_b^2)_{is,jt}` in ``mode``'s shape."""
+        (n1, k, s1, m), (n2, _, s2, _) = self.G.shape, other.G.shape
+        if self.A is None:
+            inputs = self.G.new_full((n1, s1, n2, s2), self.sb2)
+        else:
+            a1, a2 = self.A.reshape(n1 * s1, -1), other.A.reshape(n2 * s2, -1)
+            inputs = torch.addmm(a1.new_tensor(self.sb2), a1, a2.T, beta=1.0 if self.sb2 else 0.0, alpha=self.s2)
+            inputs = inputs.reshape(n1, s1, n2, s2)
+        if mode == "trace":
+            # sum_c <g_isc, g_jtc> is one inner product over (output, feature).
+            g1 = self.G.transpose(1, 2).reshape(n1 * s1, k * m)
+            g2 = other.G.transpose(1, 2).reshape(n2 * s2, k * m)
+            return torch.einsum("isjt,isjt->ij", (g1 @ g2.T).reshape(n1, s1, n2, s2), inputs)
+        if mode == "diagonal":
+            g1 = self.G.transpose(0, 1).reshape(k, n1 * s1, m)
+            g2 = other.G.transpose(0, 1).reshape(k, n2 * s2, m)
+            grads = torch.bmm(g1, g2.transpose(1, 2)).reshape(k, n1, s1, n2, s2)
+            return torch.einsum("cisjt,isjt->ijc", grads, inputs)
+        grads = (self.G.reshape(n1 * k * s1, m) @ other.G.reshape(n2 * k * s2, m).T).reshape(n1, k, s1, n2, k, s2)
+        return torch.einsum("iasjbt,isjt->ijab", grads, inputs)
+
+
+def sequence_factors(a: torch.Tensor | None, g: torch.Tensor, s2: float, sb2: float) -> SequenceFactors:
+    """The factors of a dense layer on ``a`` (n, ..., d) with output gradients ``g`` (n, k, ..., m):
+    all positions flattened into one axis."""
+    n, k, m = g.shape[0], g.shape[1], g.shape[-1]
+    flat_g = g.reshape(n, k, -1, m)
+    flat_a = None if a is None else a.reshape(n, flat_g.shape[2], a.shape[-1])
+    return SequenceFactors(flat_a, flat_g, s2, sb2)
