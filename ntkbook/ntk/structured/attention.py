@@ -38,7 +38,7 @@ from torch.func import functional_call, vjp, vmap
 from ntkbook.ntk.features import Feature, PerInputGradients
 from ntkbook.ntk.structured.dense import plain_forward
 from ntkbook.ntk.structured.rules import NotStructuredError, register
-from ntkbook.ntk.structured.sequence import SequenceFactors, sequence_factors
+from ntkbook.ntk.structured.sequence import sequence_factors
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -120,7 +120,7 @@ def _in_projections(module: nn.MultiheadAttention) -> tuple[list, list, list[boo
 def projection_factors(module: nn.MultiheadAttention, args: tuple, g: torch.Tensor, kwargs: dict) -> SumOfFeatures:
     """The four dense shares, from batch-first ``args`` and the gradients ``g`` (n, k, L, E) of the outputs
     with respect to ``attn_output``."""
-    n, k = g.shape[:2]
+    k = g.shape[1]
     embed = module.embed_dim
     weights, biases, trainable, bias_trainable = _in_projections(module)
     eye = torch.eye(embed, dtype=g.dtype, device=g.device)

@@ -61,7 +61,7 @@ class SequenceFactors(Feature):
         """``s G_ic^T A_i`` flattened (weight rows then columns, as ``weight.flatten()``), then
         ``s_b sum_s g_isc``: the layout of the default rule and of :class:`~ntkbook.ntk.features.DenseFactors`."""
         if self._gradients is None:
-            n, k, _, m = self.G.shape
+            n, k = self.G.shape[:2]
             parts = []
             if self.A is not None:
                 weight = self.G.transpose(2, 3) @ self.A[:, None]  # (n, k, m, d)
@@ -82,7 +82,7 @@ class SequenceFactors(Feature):
         if not isinstance(other, SequenceFactors):
             return super().pair(other, mode)
         c = self.k * self.k if mode == "full" else self.k
-        (n1, k, s1, m), (n2, _, s2, _) = self.G.shape, other.G.shape
+        (n1, _, s1, m), (n2, _, s2, _) = self.G.shape, other.G.shape
         d = 0 if self.A is None else self.A.shape[2]
         if self._per_input_cost(other, c) <= n1 * n2 * s1 * s2 * (d + c * m + c):
             return super().pair(other, mode)
