@@ -30,20 +30,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ntkbook.ntk.features import Feature, PerInputGradients
+from ntkbook.ntk.features import Feature, PerInputGradients, gram
 
 
 @dataclass
 class SequenceFactors(Feature):
     """Inputs ``A`` (n, S, d), or ``None`` when the weight is frozen; output gradients ``G`` (n, k, S, m);
     the squared multipliers ``s2`` and ``sb2`` (0 without a trainable bias). The per-input gradients
-    are formed once, when first needed, and kept: the symmetric kernel pairs one batch many times."""
+    are formed once, when first needed, and kept; the rows of a feature (``source``) take theirs from
+    the whole feature's, since the symmetric kernel pairs slices of one batch with the whole."""
 
     A: torch.Tensor | None
     G: torch.Tensor
     s2: float
     sb2: float
-    _gradients: PerInputGradients | None = field(default=None, repr=False, compare=False)
+    source: tuple[SequenceFactors, int, int] | None = field(default=None, repr=False, compare=False)
+    _stacked: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -55,37 +57,49 @@ class SequenceFactors(Feature):
 
     def rows(self, start: int, stop: int) -> SequenceFactors:
         a = None if self.A is None else self.A[start:stop]
-        return SequenceFactors(a, self.G[start:stop], self.s2, self.sb2)
+        return SequenceFactors(a, self.G[start:stop], self.s2, self.sb2, (self, start, stop))
+
+    def stacked(self) -> torch.Tensor:
+        """The per-input gradients of weight and bias together, ``(n, k, m (d + 1))``: one batched
+        product :math:`G_{ic}^\top [s A_i, s_b 1]`, each output row ``m`` holding its weight row and its
+        bias entry (a layout of its own, paired only with itself)."""
+        if self._stacked is None and self.source is not None:
+            whole, start, stop = self.source
+            self._stacked = whole.stacked()[start:stop]
+        if self._stacked is None:
+            n, k, s, m = self.G.shape
+            columns = [] if self.A is None else [self.A if self.s2 == 1.0 else self.s2**0.5 * self.A]
+            if self.sb2:
+                columns.append(self.G.new_full((n, s, 1), self.sb2**0.5))
+            inputs = columns[0] if len(columns) == 1 else torch.cat(columns, dim=2)
+            self._stacked = (self.G.transpose(2, 3) @ inputs[:, None]).reshape(n, k, -1)
+        return self._stacked
 
     def as_gradients(self) -> PerInputGradients:
         """``s G_ic^T A_i`` flattened (weight rows then columns, as ``weight.flatten()``), then
-        ``s_b sum_s g_isc``: the layout of the default rule and of :class:`~ntkbook.ntk.features.DenseFactors`."""
-        if self._gradients is None:
-            n, k = self.G.shape[:2]
-            parts = []
-            if self.A is not None:
-                weight = self.G.transpose(2, 3) @ self.A[:, None]  # (n, k, m, d)
-                parts.append((weight if self.s2 == 1.0 else weight.mul_(self.s2**0.5)).reshape(n, k, -1))
-            if self.sb2:
-                parts.append(self.sb2**0.5 * self.G.sum(2))
-            self._gradients = PerInputGradients(torch.cat(parts, dim=2))
-        return self._gradients
+        ``s_b sum_s g_isc``: the layout of the default rule and of :class:`~ntkbook.ntk.features.DenseFactors`,
+        to pair with a batch on which the layer got another rule."""
+        n, k, _, m = self.G.shape
+        per_row = self.stacked().reshape(n, k, m, -1)
+        d = 0 if self.A is None else self.A.shape[2]
+        parts = [per_row[..., :d].reshape(n, k, -1)] if d else []
+        if self.sb2:
+            parts.append(per_row[..., d])
+        return PerInputGradients(torch.cat(parts, dim=2))
 
-    def _per_input_cost(self, other: SequenceFactors, c: int) -> int:
-        m, d = self.G.shape[3], 0 if self.A is None else self.A.shape[2]
-        cost = self.n * other.n * c * (m * d + m)
-        for side in (self, other):
-            cost += 0 if side._gradients is not None else side.n * side.k * side.G.shape[2] * m * d
-        return cost
+    def _formed(self) -> bool:
+        return self._stacked is not None or (self.source is not None and self.source[0]._formed())
 
     def pair(self, other: Feature, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not isinstance(other, SequenceFactors):
             return super().pair(other, mode)
         c = self.k * self.k if mode == "full" else self.k
-        (n1, _, s1, m), (n2, _, s2, _) = self.G.shape, other.G.shape
+        (n1, k, s1, m), (n2, _, s2, _) = self.G.shape, other.G.shape
         d = 0 if self.A is None else self.A.shape[2]
-        if self._per_input_cost(other, c) <= n1 * n2 * s1 * s2 * (d + c * m + c):
-            return super().pair(other, mode)
+        per_input = n1 * n2 * c * m * (d + 1)
+        per_input += sum(side.n * k * side.G.shape[2] * m * (d + 1) for side in (self, other) if not side._formed())
+        if per_input <= n1 * n2 * s1 * s2 * (d + c * m + c):
+            return gram(self.stacked(), other.stacked(), mode), None
         return self._token_pairs(other, mode), None
 
     def _token_pairs(self, other: SequenceFactors, mode: str) -> torch.Tensor:
