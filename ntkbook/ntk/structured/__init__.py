@@ -27,14 +27,18 @@ def _output_gradients(out: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.T
     """:math:`g_{ia} = \\partial f_a(x_i) / \\partial z_i` for each layer output ``z``, ``(n, k, ...)``.
     Each input's outputs depend on that input alone, so one backward pass of output ``a`` summed over
     the batch gives every input's gradient for output ``a``; ``is_grads_batched`` runs the ``k`` passes
-    at once."""
+    at once, or where a backward formula has no batching rule (``group_norm`` on images), one by one."""
     n, k = out.shape
     try:
         if k == 1:
             grads = torch.autograd.grad(out, zs, torch.ones_like(out), allow_unused=True)
             return [None if g is None else g.unsqueeze(1) for g in grads]
         basis = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, n, k)
-        grads = torch.autograd.grad(out, zs, basis, is_grads_batched=True, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(out, zs, basis, is_grads_batched=True, allow_unused=True, retain_graph=True)
+        except RuntimeError:
+            passes = [torch.autograd.grad(out, zs, basis[a], allow_unused=True, retain_graph=True) for a in range(k)]
+            grads = [None if g[0] is None else torch.stack(g) for g in zip(*passes)]
     except torch.cuda.OutOfMemoryError:
         raise
     except RuntimeError as err:
