@@ -32,6 +32,9 @@ import torch
 
 from ntkbook.ntk.features import Feature, PerInputGradients, gram
 
+# Per-input gradients larger than this (entries per side) are formed and contracted in slices.
+SLICE_ENTRIES = 2**20
+
 
 @dataclass
 class SequenceFactors(Feature):
@@ -46,6 +49,7 @@ class SequenceFactors(Feature):
     sb2: float
     source: tuple[SequenceFactors, int, int] | None = field(default=None, repr=False, compare=False)
     _stacked: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _columns: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -59,20 +63,31 @@ class SequenceFactors(Feature):
         a = None if self.A is None else self.A[start:stop]
         return SequenceFactors(a, self.G[start:stop], self.s2, self.sb2, (self, start, stop))
 
+    def _inputs(self) -> torch.Tensor:
+        """:math:`[s A_i, s_b 1]`, ``(n, S, d + 1)`` (without the column of a frozen weight or bias)."""
+        if self._columns is not None:
+            return self._columns
+        n, _, s, _ = self.G.shape
+        columns = [] if self.A is None else [self.A if self.s2 == 1.0 else self.s2**0.5 * self.A]
+        if self.sb2:
+            columns.append(self.G.new_full((n, s, 1), self.sb2**0.5))
+        self._columns = columns[0] if len(columns) == 1 else torch.cat(columns, dim=2)
+        return self._columns
+
+    def _gradient_rows(self, start: int, stop: int, inputs: torch.Tensor) -> torch.Tensor:
+        """Output rows ``start:stop`` of the weight-and-bias gradients, ``(n, k, (stop - start)(d + 1))``:
+        one batched product :math:`G_{ic}^\\top [s A_i, s_b 1]`."""
+        n, k = self.G.shape[:2]
+        return (self.G[..., start:stop].transpose(2, 3) @ inputs[:, None]).reshape(n, k, -1)
+
     def stacked(self) -> torch.Tensor:
-        """The per-input gradients of weight and bias together, ``(n, k, m (d + 1))``: one batched
-        product :math:`G_{ic}^\top [s A_i, s_b 1]`, each output row ``m`` holding its weight row and its
-        bias entry (a layout of its own, paired only with itself)."""
+        """The per-input gradients of weight and bias together, ``(n, k, m (d + 1))``, each output row
+        holding its weight row and its bias entry (a layout of its own, paired only with itself)."""
         if self._stacked is None and self.source is not None:
             whole, start, stop = self.source
             self._stacked = whole.stacked()[start:stop]
         if self._stacked is None:
-            n, k, s, m = self.G.shape
-            columns = [] if self.A is None else [self.A if self.s2 == 1.0 else self.s2**0.5 * self.A]
-            if self.sb2:
-                columns.append(self.G.new_full((n, s, 1), self.sb2**0.5))
-            inputs = columns[0] if len(columns) == 1 else torch.cat(columns, dim=2)
-            self._stacked = (self.G.transpose(2, 3) @ inputs[:, None]).reshape(n, k, -1)
+            self._stacked = self._gradient_rows(0, self.G.shape[3], self._inputs())
         return self._stacked
 
     def as_gradients(self) -> PerInputGradients:
@@ -90,6 +105,26 @@ class SequenceFactors(Feature):
     def _formed(self) -> bool:
         return self._stacked is not None or (self.source is not None and self.source[0]._formed())
 
+    def _per_input_pair(self, other: SequenceFactors, mode: str) -> torch.Tensor:
+        """The Gram of the per-input gradients: of the kept ones when both sides are small or formed,
+        else summed over slices of output rows formed one at a time, so that no more than
+        ``SLICE_ENTRIES`` gradient entries per side exist at once (a large fresh tensor costs a page
+        fault per 4 KiB on first touch, more than the products that fill it)."""
+        n, k, _, m = self.G.shape
+        width = self._inputs().shape[2]
+        large = max(self.n, other.n) * k * m * width > SLICE_ENTRIES
+        if not large or (self._formed() and other._formed()):
+            return gram(self.stacked(), other.stacked(), mode)
+        mine, theirs = self._inputs(), other._inputs()
+        step = max(1, SLICE_ENTRIES // (max(self.n, other.n) * k * width))
+        total = None
+        for start in range(0, m, step):
+            left = self._gradient_rows(start, start + step, mine)
+            right = left if other is self else other._gradient_rows(start, start + step, theirs)
+            part = gram(left, right, mode)
+            total = part if total is None else total.add_(part)
+        return total
+
     def pair(self, other: Feature, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not isinstance(other, SequenceFactors):
             return super().pair(other, mode)
@@ -99,7 +134,7 @@ class SequenceFactors(Feature):
         per_input = n1 * n2 * c * m * (d + 1)
         per_input += sum(side.n * k * side.G.shape[2] * m * (d + 1) for side in (self, other) if not side._formed())
         if per_input <= n1 * n2 * s1 * s2 * (d + c * m + c):
-            return gram(self.stacked(), other.stacked(), mode), None
+            return self._per_input_pair(other, mode), None
         return self._token_pairs(other, mode), None
 
     def _token_pairs(self, other: SequenceFactors, mode: str) -> torch.Tensor:
