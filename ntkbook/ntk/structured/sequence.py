@@ -50,6 +50,7 @@ class SequenceFactors(Feature):
     source: tuple[SequenceFactors, int, int] | None = field(default=None, repr=False, compare=False)
     _stacked: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _columns: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _self_grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -105,18 +106,21 @@ class SequenceFactors(Feature):
     def _formed(self) -> bool:
         return self._stacked is not None or (self.source is not None and self.source[0]._formed())
 
-    def _per_input_pair(self, other: SequenceFactors, mode: str) -> torch.Tensor:
-        """The Gram of the per-input gradients: of the kept ones when both sides are small or formed,
-        else summed over slices of output rows formed one at a time, so that no more than
-        ``SLICE_ENTRIES`` gradient entries per side exist at once (a large fresh tensor costs a page
-        fault per 4 KiB on first touch, more than the products that fill it)."""
-        n, k, _, m = self.G.shape
-        width = self._inputs().shape[2]
-        large = max(self.n, other.n) * k * m * width > SLICE_ENTRIES
-        if not large or (self._formed() and other._formed()):
-            return gram(self.stacked(), other.stacked(), mode)
+    def _root(self) -> tuple[SequenceFactors, int]:
+        """The whole batch's feature this one is rows of, and the offset of its first row there."""
+        feature, offset = self, 0
+        while feature.source is not None:
+            feature, start, _ = feature.source
+            offset += start
+        return feature, offset
+
+    def _sliced_gram(self, other: SequenceFactors, mode: str) -> torch.Tensor:
+        """The Gram of the per-input gradients summed over slices of output rows formed one at a time,
+        so that no more than ``SLICE_ENTRIES`` gradient entries per side exist at once (a large fresh
+        tensor costs a page fault per 4 KiB on first touch, more than the products that fill it)."""
+        _, k, _, m = self.G.shape
         mine, theirs = self._inputs(), other._inputs()
-        step = max(1, SLICE_ENTRIES // (max(self.n, other.n) * k * width))
+        step = max(1, SLICE_ENTRIES // (max(self.n, other.n) * k * mine.shape[2]))
         total = None
         for start in range(0, m, step):
             left = self._gradient_rows(start, start + step, mine)
@@ -124,6 +128,24 @@ class SequenceFactors(Feature):
             part = gram(left, right, mode)
             total = part if total is None else total.add_(part)
         return total
+
+    def _per_input_pair(self, other: SequenceFactors, mode: str) -> torch.Tensor:
+        """The Gram of the per-input gradients: of the kept ones when both sides are small or formed;
+        else sliced (:meth:`_sliced_gram`). Rows of one batch paired with rows of the same batch (the
+        symmetric kernel, which pairs its top half with the whole and its bottom half with itself)
+        take their block of the whole batch's Gram with itself, computed once: each slice is formed
+        once, not once per pairing."""
+        _, k, _, m = self.G.shape
+        if max(self.n, other.n) * k * m * self._inputs().shape[2] <= SLICE_ENTRIES or (
+            self._formed() and other._formed()
+        ):
+            return gram(self.stacked(), other.stacked(), mode)
+        (root, r0), (other_root, o0) = self._root(), other._root()
+        if root is not other_root:
+            return self._sliced_gram(other, mode)
+        if mode not in root._self_grams:
+            root._self_grams[mode] = root._sliced_gram(root, mode)
+        return root._self_grams[mode][r0 : r0 + self.n, o0 : o0 + other.n].clone()
 
     def pair(self, other: Feature, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not isinstance(other, SequenceFactors):
