@@ -20,7 +20,11 @@ The methods differ only in how they avoid paying for that product (Novak, Sohl-D
   :math:`z = s W a + s_b b`, :math:`\\partial f/\\partial W = s\\, g a^\\top` with :math:`g = \\partial f/\\partial z`,
   so its share of :math:`\\Theta` is :math:`(G G'^\\top) \\odot (s^2 A A'^\\top + s_b^2)`: one forward
   pass, one backward pass per output to the layer *outputs*, then Gram matrices of size
-  :math:`n_1 \\times n_2`. Other layers get per-input gradients of their own parameters.
+  :math:`n_1 \\times n_2`. The same layer on sequences ``(n, ..., d)`` sums over positions
+  (``structured/sequence.py``); ``nn.Embedding`` pairs equal token ids (``embedding.py``); LayerNorm,
+  GroupNorm and eval-mode BatchNorm take their affine gradients from the normalised input
+  (``norms.py``); ``nn.MultiheadAttention`` is four dense layers on sequences (``attention.py``).
+  Other layers get per-input gradients of their own parameters.
 
 Whatever the method, the kernel is verified before it is returned (``ntkbook.ntk.verify``, below).
 

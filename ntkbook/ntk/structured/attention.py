@@ -20,6 +20,12 @@ zeros rounds nothing) under the call's own masks. Cost: the attention core's for
 backward passes, :math:`O(n k (L S E + (L + S) E^2))`, then the four pairs (see :mod:`.sequence`);
 memory: the projections and their gradients, :math:`O(n k (L + S) E)`, plus each pair's.
 
+The rule differentiates ``attn_output`` only: a model that also uses the returned attention weights
+(``need_weights=True``) has terms it misses, which the verification reports. A non-batch-first layer is
+recorded batch-first (its inputs and output transposed as views, so gradients still reach the
+output); the layers around it in ``nn.TransformerEncoderLayer(batch_first=False)`` act on
+``(L, n, E)``, not on rows, and are refused by the recording's row check.
+
 Added key/value biases (``add_bias_kv``), active dropout, and hooks are left to an honest fallback:
 per-input gradients of all of the layer's parameters, by one ``vmap`` over (input, output) pairs of
 the layer called on one input, as the default rule does for other layers.

@@ -15,7 +15,10 @@ which two routes compute exactly:
 
 - **per-input gradients** :math:`J_{ic} = s\\, G_{ic}^\\top A_i` (``m x d`` each) and their Gram:
   :math:`(n_1 + n_2) k S m d` multiply-adds to form them, :math:`n_1 n_2 c\\, m d` for the Gram
-  (:math:`c = k^2` in full mode, :math:`k` in trace and diagonal modes); memory :math:`n k m d`;
+  (:math:`c = k^2` in full mode, :math:`k` in trace and diagonal modes); memory :math:`n k m d`, or
+  above ``SLICE_ENTRIES`` (:math:`2^{20}`) entries a slice of output rows at a time, :math:`2^{20}` entries
+  per side plus the :math:`n_1 n_2 c` block (for the symmetric kernel, one Gram of the whole batch is
+  kept and its halves read from it);
 - **token-pair Grams**, the Gram of the output gradients over all position pairs times the Gram of the
   inputs: :math:`n_1 n_2 S_1 S_2 (d + c\\, m)` multiply-adds, memory :math:`n_1 n_2 S_1 S_2 c`.
 
