@@ -20,10 +20,13 @@ The methods differ only in how they avoid paying for that product (Novak, Sohl-D
   :math:`z = s W a + s_b b`, :math:`\\partial f/\\partial W = s\\, g a^\\top` with :math:`g = \\partial f/\\partial z`,
   so its share of :math:`\\Theta` is :math:`(G G'^\\top) \\odot (s^2 A A'^\\top + s_b^2)`: one forward
   pass, one backward pass per output to the layer *outputs*, then Gram matrices of size
-  :math:`n_1 \\times n_2`. A convolution's weight gradient is :math:`s\\, g P^\\top` with :math:`P` its
-  unfolded input patches, so its share is formed from per-input weight gradients (one batched
-  product) or from patch Grams, whichever costs fewer flops (``structured/conv.py``). Other layers
-  get per-input gradients of their own parameters, by ``vmap``.
+  :math:`n_1 \\times n_2`. The same layer on sequences ``(n, ..., d)`` sums over positions
+  (``structured/sequence.py``). A convolution's weight gradient is :math:`s\\, g P^\\top` with :math:`P`
+  its unfolded input patches, so its share is formed from per-input weight gradients (one batched
+  product) or from patch Grams, whichever costs fewer flops (``conv.py``). ``nn.Embedding`` pairs equal
+  token ids (``embedding.py``); LayerNorm, GroupNorm and eval-mode BatchNorm take their affine gradients
+  from the normalised input (``norms.py``); ``nn.MultiheadAttention`` is four dense layers on sequences
+  (``attention.py``). Other layers get per-input gradients of their own parameters, by ``vmap``.
 
 Whatever the method, the kernel is verified before it is returned (``ntkbook.ntk.verify``, below).
 

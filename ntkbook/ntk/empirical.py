@@ -38,10 +38,12 @@ def empirical_ntk(
             the Jacobian of ``x1``), ``"structured"`` (one forward pass, one backward pass per output to
             the layer outputs, then a rule per layer: for ``nn.Linear`` and
             :class:`~ntkbook.models.NTKLinear` on ``(n, d)`` inputs
-            :math:`\\Theta_l = (G_l G_l'^\\top) \\odot (s_l^2 A_l A_l'^\\top + s_{b,l}^2)`, for
-            ``nn.Conv1d``/``Conv2d``/``Conv3d`` and :class:`~ntkbook.convolutional.NTKConv2d` weight
-            gradients from unfolded patches or patch Grams, for any other layer per-input gradients
-            of its own parameters; a layer it cannot handle raises
+            :math:`\\Theta_l = (G_l G_l'^\\top) \\odot (s_l^2 A_l A_l'^\\top + s_{b,l}^2)`, summed over
+            positions on sequences; for ``nn.Conv1d``/``Conv2d``/``Conv3d`` and
+            :class:`~ntkbook.convolutional.NTKConv2d` weight gradients from unfolded patches or patch
+            Grams; rules of their own for ``nn.Embedding`` on token ids, LayerNorm, GroupNorm, eval-mode
+            BatchNorm and ``nn.MultiheadAttention``; for any other layer per-input gradients of its own
+            parameters; a layer it cannot handle raises
             :class:`NotStructuredError` naming the module), or ``"auto"``: "structured", else whichever
             of "jacobian" and "implicit" is cheaper and fits in memory, and finally "loop" (with a
             warning), each tried kernel verified before it is accepted.

@@ -124,9 +124,12 @@ class DenseFactors(Feature):
 Features = dict[object, Feature]
 
 
-# Contractions longer than this are summed as a tree of partial Grams: a BLAS adds the partial sums of
-# a long dot product one after another, which in float32 loses about 1e-3 over 4 million products.
+# Contractions longer than this are summed as partial Grams over chunks of this length, added up by
+# torch's sum (a cascade of partial sums): a BLAS adds the partial sums of a long dot product one after
+# another, which in float32 loses about 1e-3 over 4 million products.
 GRAM_CHUNK = 4096
+# At most this many entries of partial Grams are held at once (64 MiB in float32).
+PARTIALS = 2**24
 
 
 def _gram_once(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
@@ -139,15 +142,49 @@ def _gram_once(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0)).permute(1, 2, 0)
 
 
+def _chunked_gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
+    """:func:`_gram_once` of ``a`` (n1, k, q C) and ``b`` (n2, k, q C), ``C = GRAM_CHUNK``, as ``q``
+    partial Grams by batched products (one BLAS call per group of chunks: leaves this small run slowly
+    one by one), summed over the chunks. Each group is copied into place: memory ``PARTIALS`` plus
+    one group of each side."""
+    (n1, k, p), n2 = a.shape, b.shape[0]
+    q = p // GRAM_CHUNK
+    rows, cols = (n1 * k, n2 * k) if mode == "full" else (n1, n2)
+    batch = k if mode == "diagonal" else 1
+    group = max(1, min(q, PARTIALS // (batch * rows * cols)))
+
+    def chunks(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Chunks ``start:stop`` of ``t`` (m, k, p) as (batch, chunk, m-rows, C)."""
+        split = t[:, :, start * GRAM_CHUNK : stop * GRAM_CHUNK].reshape(t.shape[0], k, stop - start, GRAM_CHUNK)
+        if mode == "diagonal":  # per output: (output, chunk, m, C)
+            return split.permute(1, 2, 0, 3)
+        # trace contracts (output, entry) together; full keeps each output's rows apart
+        inner = (t.shape[0], -1) if mode == "trace" else (t.shape[0] * k, GRAM_CHUNK)
+        return split.permute(2, 0, 1, 3).reshape(1, stop - start, *inner)
+
+    total = None
+    for start in range(0, q, group):
+        stop = min(q, start + group)
+        part = torch.matmul(chunks(a, start, stop), chunks(b, start, stop).transpose(2, 3)).sum(1)
+        total = part if total is None else total.add_(part)
+    if mode == "diagonal":
+        return total.permute(1, 2, 0)
+    if mode == "trace":
+        return total[0]
+    return total[0].reshape(n1, k, n2, k).permute(0, 2, 1, 3)
+
+
 def gram(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     """Contract ``a`` (n1, k, p) with ``b`` (n2, k, p) over ``p``: (n1, n2, k, k) in full mode,
     (n1, n2) summed over outputs in trace mode, (n1, n2, k) per output in diagonal mode. Over more
-    than ``GRAM_CHUNK`` entries, pairwise: the rounding then grows with the logarithm of ``p``."""
+    than ``GRAM_CHUNK`` entries, as partial Grams over chunks added by a cascade: the rounding then
+    grows with the logarithm of ``p``, not with ``p``."""
     p = a.shape[2]
-    if p <= GRAM_CHUNK:
+    whole = p // GRAM_CHUNK * GRAM_CHUNK
+    if whole <= GRAM_CHUNK:
         return _gram_once(a, b, mode)
-    half = -(-p // (2 * GRAM_CHUNK)) * GRAM_CHUNK  # a multiple of the chunk, so the leaves stay full
-    return gram(a[:, :, :half], b[:, :, :half], mode).add_(gram(a[:, :, half:], b[:, :, half:], mode))
+    head = _chunked_gram(a[:, :, :whole], b[:, :, :whole], mode)
+    return head if whole == p else head.add_(_gram_once(a[:, :, whole:], b[:, :, whole:], mode))
 
 
 def contract(f1: Features, f2: Features, mode: str) -> torch.Tensor:

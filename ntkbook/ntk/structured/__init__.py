@@ -13,8 +13,11 @@ import torch
 from torch import nn
 
 from ntkbook.ntk.features import Features, PerInputGradients
-from ntkbook.ntk.structured import conv as _conv  # noqa: F401  (registers the convolution rule)
-from ntkbook.ntk.structured import dense as _dense  # noqa: F401  (registers the dense rule)
+from ntkbook.ntk.structured import attention as _attention  # noqa: F401  (registers each layer's rule)
+from ntkbook.ntk.structured import conv as _conv  # noqa: F401
+from ntkbook.ntk.structured import dense as _dense  # noqa: F401
+from ntkbook.ntk.structured import embedding as _embedding  # noqa: F401
+from ntkbook.ntk.structured import norms as _norms  # noqa: F401
 from ntkbook.ntk.structured.record import layers, record_layers
 from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature
 
@@ -25,14 +28,18 @@ def _output_gradients(out: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.T
     """:math:`g_{ia} = \\partial f_a(x_i) / \\partial z_i` for each layer output ``z``, ``(n, k, ...)``.
     Each input's outputs depend on that input alone, so one backward pass of output ``a`` summed over
     the batch gives every input's gradient for output ``a``; ``is_grads_batched`` runs the ``k`` passes
-    at once."""
+    at once, or where a backward formula has no batching rule (``group_norm`` on images), one by one."""
     n, k = out.shape
     try:
         if k == 1:
             grads = torch.autograd.grad(out, zs, torch.ones_like(out), allow_unused=True)
             return [None if g is None else g.unsqueeze(1) for g in grads]
         basis = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, n, k)
-        grads = torch.autograd.grad(out, zs, basis, is_grads_batched=True, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(out, zs, basis, is_grads_batched=True, allow_unused=True, retain_graph=True)
+        except RuntimeError:
+            passes = [torch.autograd.grad(out, zs, basis[a], allow_unused=True, retain_graph=True) for a in range(k)]
+            grads = [None if g[0] is None else torch.stack(g) for g in zip(*passes)]
     except torch.cuda.OutOfMemoryError:
         raise
     except RuntimeError as err:
@@ -52,9 +59,9 @@ def structured_features(model: nn.Module, found: dict[nn.Module, str], name: str
         return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
     features: Features = {}
     for module, g in zip(order, _output_gradients(out, [captured[m][1] for m in order])):
-        args, z = captured[module]
+        args, z, kwargs = captured[module]
         if g is None:
             g = torch.zeros(n, k, *z.shape[1:], dtype=z.dtype, device=z.device)
         args = tuple(t.detach() for t in args)
-        features[found[module]] = layer_feature(module, found[module], args, g.detach())
+        features[found[module]] = layer_feature(module, found[module], args, g.detach(), kwargs)
     return features

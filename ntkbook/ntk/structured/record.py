@@ -1,4 +1,8 @@
-"""One recorded forward pass: each layer's inputs and output, for the per-layer rules."""
+"""One recorded forward pass: each layer's inputs and output, for the per-layer rules.
+
+Layers are recorded by their positional tensor inputs and their one tensor output, except those with
+a recorder of their own (:data:`~ntkbook.ntk.structured.rules.RECORDERS`: attention, which takes
+keyword arguments and returns a tuple), which also keep their keyword arguments."""
 
 from __future__ import annotations
 
@@ -6,21 +10,25 @@ import torch
 from torch import nn
 
 from ntkbook.ntk.request import apply
-from ntkbook.ntk.structured.rules import NotStructuredError
+from ntkbook.ntk.structured.rules import RECORDERS, WHOLE, NotStructuredError
 
 
 def layers(model: nn.Module) -> dict[nn.Module, str]:
     """Modules that own trainable parameters directly, in registration order, with their qualified
     names. A parameter registered in two modules (weight tying) is refused here, before any work: the
-    verification would catch the missing cross terms, but only after a wasted attempt."""
+    verification would catch the missing cross terms, but only after a wasted attempt. A layer whose
+    rule covers its submodules (:data:`~ntkbook.ntk.structured.rules.WHOLE`) owns their parameters."""
+    covered = {
+        sub for module in model.modules() if type(module) in WHOLE for sub in module.modules() if sub is not module
+    }
     found = {
         module: name or type(model).__name__
         for name, module in model.named_modules()
-        if any(p.requires_grad for p in module.parameters(recurse=False))
+        if module not in covered and any(p.requires_grad for p in module.parameters(recurse=type(module) in WHOLE))
     }
     owner: dict[int, str] = {}
     for module, name in found.items():
-        for p in module.parameters(recurse=False):
+        for p in module.parameters(recurse=type(module) in WHOLE):
             if p.requires_grad and owner.setdefault(id(p), name) != name:
                 raise NotStructuredError(
                     f"modules {owner[id(p)]!r} and {name!r} share a parameter; method='structured' needs each "
@@ -40,15 +48,18 @@ def _check_one_row_per_input(label: str, tensors: tuple, n: int) -> None:
             )
 
 
+Recorded = tuple[tuple, torch.Tensor, "dict | None"]
+
+
 def record_layers(
     model: nn.Module, found: dict[nn.Module, str], name: str, x: torch.Tensor, copy: bool = False
-) -> tuple[torch.Tensor, dict[nn.Module, tuple[tuple, torch.Tensor]]]:
+) -> tuple[torch.Tensor, dict[nn.Module, Recorded]]:
     """Run the model once on ``x``, recording each layer's positional tensor inputs (before its forward
-    pre-hooks run) and its output (after its forward hooks). ``copy`` hands each layer copies of its
-    inputs and the rest of the network a copy of its output, so that in-place operations elsewhere
-    (``nn.ReLU(inplace=True)``) cannot overwrite what was recorded; it is used when a first run finds
-    a recorded tensor modified."""
-    captured: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
+    pre-hooks run), its output (after its forward hooks) and, for a layer with its own recorder, its
+    keyword arguments (else ``None``). ``copy`` hands each layer copies of its inputs and the rest of
+    the network a copy of its output, so that in-place operations elsewhere (``nn.ReLU(inplace=True)``)
+    cannot overwrite what was recorded; it is used when a first run finds a recorded tensor modified."""
+    captured: dict[nn.Module, Recorded] = {}
     versions: dict[nn.Module, list[int]] = {}
     inputs: dict[nn.Module, tuple] = {}
 
@@ -58,7 +69,7 @@ def record_layers(
         inputs[module] = args
         return args if copy else None
 
-    def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> torch.Tensor | None:
+    def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         args = inputs[module]
         label = f"module {found[module]!r} ({type(module).__name__})"
         # Each guard below names the module where the rules could not apply at all.
@@ -67,20 +78,27 @@ def record_layers(
                 f"{label} is applied more than once per forward pass; method='structured' needs each layer "
                 "with trainable parameters applied once"
             )
-        if kwargs:
+        recorder = RECORDERS.get(type(module))
+        if recorder is not None:
+            args, kwargs, z, rebuild = recorder(module, args, kwargs, output)
+        elif kwargs:
             raise NotStructuredError(
                 f"{label} is called with keyword arguments ({', '.join(kwargs)}); method='structured' needs "
                 "layers called with positional tensors only"
             )
-        if not isinstance(output, torch.Tensor) or any(not isinstance(a, torch.Tensor) for a in args):
+        else:
+            z, kwargs = output, None
+        if not isinstance(z, torch.Tensor) or any(not isinstance(a, torch.Tensor) for a in args):
             raise NotStructuredError(
                 f"{label} takes or returns something other than tensors; method='structured' needs tensor "
                 "inputs and one tensor output per layer"
             )
-        _check_one_row_per_input(label, (*args, output), x.shape[0])
-        captured[module] = (args, output)
-        versions[module] = [t._version for t in (*args, output)]
-        return output.clone() if copy else None
+        _check_one_row_per_input(label, (*args, z), x.shape[0])
+        captured[module] = (args, z, kwargs)
+        versions[module] = [t._version for t in (*args, z)]
+        if recorder is not None:
+            return rebuild(z.clone() if copy else z)
+        return z.clone() if copy else None
 
     handles = [module.register_forward_pre_hook(take_inputs, prepend=True) for module in found]
     handles += [module.register_forward_hook(record, with_kwargs=True) for module in found]
@@ -89,6 +107,6 @@ def record_layers(
     finally:
         for handle in handles:
             handle.remove()
-    if not copy and any(versions[m] != [t._version for t in (*a, z)] for m, (a, z) in captured.items()):
+    if not copy and any(versions[m] != [t._version for t in (*a, z)] for m, (a, z, _) in captured.items()):
         return record_layers(model, found, name, x, copy=True)
     return out, captured

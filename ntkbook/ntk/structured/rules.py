@@ -26,16 +26,30 @@ class NotStructuredError(ValueError):
     """The model breaks an assumption of ``method="structured"``; the message names the module."""
 
 
-LayerRule = Callable[[nn.Module, str, tuple, torch.Tensor], Feature | None]
+LayerRule = Callable[..., Feature | None]
 RULES: dict[type, LayerRule] = {}
+# A layer called with keyword arguments or returning a tuple (``nn.MultiheadAttention``) is recorded by
+# its own function: ``(module, args, kwargs, output)`` to ``(tensors, kwargs, z, rebuild)`` with
+# batch-first ``tensors`` and ``z``, and ``rebuild(z)`` the output the network goes on with (made from
+# ``z``, so that gradients reach ``z``); its rule is called with ``kwargs=...``.
+Recorder = Callable[[nn.Module, tuple, dict, object], tuple[tuple, dict, torch.Tensor, Callable]]
+RECORDERS: dict[type, Recorder] = {}
+# Layers whose rule accounts for the parameters of their submodules too (attention's ``out_proj``,
+# whose forward it never calls).
+WHOLE: set[type] = set()
 
 
-def register(*classes: type) -> Callable[[LayerRule], LayerRule]:
-    """Register a rule for these exact classes (a subclass may change ``forward``, so it gets the default)."""
+def register(*classes: type, recorder: Recorder | None = None, whole: bool = False) -> Callable[[LayerRule], LayerRule]:
+    """Register a rule for these exact classes (a subclass may change ``forward``, so it gets the default);
+    ``recorder`` and ``whole`` as for :data:`RECORDERS` and :data:`WHOLE`."""
 
     def add(rule: LayerRule) -> LayerRule:
         for cls in classes:
             RULES[cls] = rule
+            if recorder is not None:
+                RECORDERS[cls] = recorder
+            if whole:
+                WHOLE.add(cls)
         return rule
 
     return add
@@ -70,8 +84,11 @@ def default_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> 
     return PerInputGradients(torch.cat([t.reshape(n, k, -1) for t in grads.values()], dim=2))
 
 
-def layer_feature(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> Feature:
-    """The registered rule for ``type(module)``, else (or where it declines) the default rule."""
+def layer_feature(module: nn.Module, name: str, args: tuple, g: torch.Tensor, kwargs: dict | None = None) -> Feature:
+    """The registered rule for ``type(module)``, else (or where it declines) the default rule. A layer
+    recorded with keyword arguments has a rule that takes them and never declines."""
     rule = RULES.get(type(module))
+    if kwargs is not None:
+        return rule(module, name, args, g, kwargs=kwargs)
     found = rule(module, name, args, g) if rule is not None else None
     return found if found is not None else default_rule(module, name, args, g)

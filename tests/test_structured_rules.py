@@ -1,0 +1,479 @@
+"""The per-layer rules of method="structured" for sequences, embeddings, normalisation and attention,
+each against an independent oracle (float64, one backward pass per input and output, each input run
+alone) at 1e-10, in every mode, with and without ``x2`` and ``chunk_size``; each test also checks
+that the rule it names is the one used (the feature kind, or which route a kind took)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ntkbook import empirical_ntk
+from ntkbook.models import NTKLinear
+from ntkbook.ntk import MODES
+from ntkbook.ntk.features import DenseFactors, PerInputGradients
+from ntkbook.ntk.structured import layers, structured_features
+from ntkbook.ntk.structured.attention import SumOfFeatures
+from ntkbook.ntk.structured.embedding import TokenGradients
+from ntkbook.ntk.structured.norms import batch_norm_rule
+from ntkbook.ntk.structured.sequence import SequenceFactors
+
+F64 = torch.float64
+
+
+def oracle(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
+    """Θ (n1, n2, k, k) from per-input gradients of every trainable parameter, one input at a time."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def jacobian(x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in range(x.shape[0]):
+            out = model(x[i : i + 1]).reshape(-1)
+            for a in range(out.numel()):
+                grads = torch.autograd.grad(out[a], params, retain_graph=True, allow_unused=True)
+                flat = [(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1) for g, p in zip(grads, params)]
+                rows.append(torch.cat(flat))
+        return torch.stack(rows).reshape(x.shape[0], -1, sum(p.numel() for p in params))
+
+    j1 = jacobian(x1)
+    j2 = j1 if x2 is None else jacobian(x2)
+    return torch.einsum("iap,jbp->ijab", j1, j2)
+
+
+def in_mode(full: torch.Tensor, mode: str) -> torch.Tensor:
+    """The oracle's (n1, n2, k, k) kernel in ``mode``'s shape, squeezed as empirical_ntk squeezes."""
+    if full.shape[-1] == 1:
+        return full[:, :, 0, 0]
+    if mode == "trace":
+        return full.diagonal(dim1=2, dim2=3).sum(-1)
+    return full.diagonal(dim1=2, dim2=3) if mode == "diagonal" else full
+
+
+def assert_matches_oracle(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, chunk: int | None) -> None:
+    reference = oracle(model, x1, x2)
+    for mode in MODES:
+        kernel = empirical_ntk(model, x1, x2, method="structured", mode=mode, chunk_size=chunk)
+        expected = in_mode(reference, mode)
+        assert kernel.shape == expected.shape
+        error = float((kernel - expected).abs().max() / expected.abs().max())
+        assert error < 1e-10, f"mode {mode}: relative error {error:.2e}"
+
+
+def kinds(model: nn.Module, x: torch.Tensor) -> dict[str, type]:
+    return {name: type(f) for name, f in structured_features(model, layers(model), "x1", x).items()}
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def route_counts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often the token-pair route of SequenceFactors ran (the per-input route runs otherwise)."""
+    counts = {"sequence": 0}
+    sequence_pairs = SequenceFactors._token_pairs
+
+    def counted_sequence(self: SequenceFactors, other: SequenceFactors, mode: str) -> torch.Tensor:
+        counts["sequence"] += 1
+        return sequence_pairs(self, other, mode)
+
+    monkeypatch.setattr(SequenceFactors, "_token_pairs", counted_sequence)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- dense
+
+
+class SequenceHead(nn.Module):
+    """A dense layer at every position of ``(n, *lead, d)``, a nonlinearity, and a readout of the mean."""
+
+    def __init__(self, layer: nn.Module, width: int, k: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.readout = nn.Linear(width, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.layer(x))
+        return self.readout(h.reshape(x.shape[0], -1, h.shape[-1]).mean(1) + h.reshape(x.shape[0], -1)[:, :1])
+
+
+@pytest.mark.parametrize(
+    ("lead", "d", "m", "bias", "token_pairs"),
+    [
+        ((7,), 5, 6, True, False),  # S = 7: per-input gradients are cheaper
+        ((2, 3), 4, 3, False, False),  # two leading dimensions
+        ((1,), 6, 9, True, True),  # one position: token pairs (the dense rule's Grams) are cheaper
+        ((2,), 30, 20, True, True),
+    ],
+)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_linear_on_sequences(
+    lead: tuple, d: int, m: int, bias: bool, token_pairs: bool, chunk: int | None, route_counts: dict
+) -> None:
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    model = SequenceHead(nn.Linear(d, m, bias=bias), m, 2).double()
+    x1 = torch.randn(5, *lead, d, generator=gen(1), dtype=F64)
+    x2 = torch.randn(4, *lead, d, generator=gen(2), dtype=F64)
+    assert kinds(model, x1) == {"layer": SequenceFactors, "readout": DenseFactors}
+    for second in (None, x2):
+        assert_matches_oracle(model, x1, second, chunk)
+    assert (route_counts["sequence"] > 0) == token_pairs
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_linear_on_sequences_sliced(monkeypatch: pytest.MonkeyPatch, chunk: int | None) -> None:
+    """Per-input gradients larger than SLICE_ENTRIES are formed in slices of output rows, and the
+    symmetric kernel's halves take their blocks of one Gram of the whole batch."""
+    from ntkbook.ntk.structured import sequence
+
+    monkeypatch.setattr(sequence, "SLICE_ENTRIES", 40)
+    calls = []
+    sliced = SequenceFactors._sliced_gram
+    monkeypatch.setattr(SequenceFactors, "_sliced_gram", lambda *args: calls.append(1) or sliced(*args))
+    monkeypatch.setattr("ntkbook.ntk.blocks.HALVING_THRESHOLD", 4)  # the symmetric kernel in halves
+    for d, m in ((4, 7), (7, 4)):  # both layouts of the gradients
+        torch.manual_seed(0)
+        model = SequenceHead(nn.Linear(d, m), m, 2).double()
+        x1 = torch.randn(6, 9, d, generator=gen(30), dtype=F64)
+        x2 = torch.randn(5, 9, d, generator=gen(31), dtype=F64)
+        for second in (None, x2):
+            assert_matches_oracle(model, x1, second, chunk)
+    assert calls, "the sliced route must be taken"
+
+
+@pytest.mark.parametrize(("d", "m"), [(3, 7), (7, 3)])  # both layouts of the kept gradients
+@pytest.mark.parametrize(("weight", "sb2"), [(True, 0.49), (True, 0.0), (False, 2.0)])
+def test_sequence_factors_as_gradients(d: int, m: int, weight: bool, sb2: float) -> None:
+    """The explicit per-input gradients (to pair with another kind) in the default rule's layout,
+    weight.flatten() then bias, and every pairing route giving their Gram."""
+    a = torch.randn(4, 5, d, generator=gen(32), dtype=F64)
+    g = torch.randn(4, 2, 5, m, generator=gen(33), dtype=F64)
+    feature = SequenceFactors(a if weight else None, g, 1.7, sb2)
+    parts = [1.7**0.5 * torch.einsum("nksm,nsd->nkmd", g, a).reshape(4, 2, -1)] if weight else []
+    parts += [sb2**0.5 * g.sum(2)] if sb2 else []
+    expected = torch.cat(parts, dim=2)
+    assert torch.allclose(feature.as_gradients().J, expected, rtol=1e-13, atol=0)
+    for mode in MODES:
+        dense, _ = PerInputGradients(expected).pair(PerInputGradients(expected), mode)
+        for other in (feature, SequenceFactors(a if weight else None, g, 1.7, sb2)):
+            by_rule, _ = feature.pair(other, mode)
+            tokens = feature._token_pairs(other, mode)
+            assert float((by_rule - dense).abs().max()) < 1e-12 * float(dense.abs().max())
+            assert float((tokens - dense).abs().max()) < 1e-12 * float(dense.abs().max())
+
+
+def test_linear_on_sequences_frozen_parts_and_other_lengths() -> None:
+    """A frozen weight (bias only), a frozen bias, NTKLinear's multipliers, and x2 with another sequence
+    length than x1."""
+    for freeze in ("weight", "bias", None):
+        torch.manual_seed(0)
+        layer = NTKLinear(4, 6, weight_std=1.3, bias_std=0.4) if freeze is None else nn.Linear(4, 6)
+        if freeze is not None:
+            getattr(layer, freeze).requires_grad_(False)
+        model = SequenceHead(layer, 6, 3).double()
+        x1 = torch.randn(4, 5, 4, generator=gen(3), dtype=F64)
+        x2 = torch.randn(3, 8, 4, generator=gen(4), dtype=F64)
+        assert kinds(model, x1)["layer"] is SequenceFactors
+        assert_matches_oracle(model, x1, x2, None)
+        assert_matches_oracle(model, x1, None, 2)
+
+
+# ------------------------------------------------------------------------------------------ embedding
+
+
+class Tokens(nn.Module):
+    def __init__(self, vocab: int, dim: int, k: int, **options: object) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, **options)
+        self.mix = nn.Linear(dim, dim)
+        self.readout = nn.Linear(dim, k)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.embed(ids)))
+        return self.readout(h.reshape(ids.shape[0], -1, h.shape[-1]).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("vocab", "shape", "options"),
+    [
+        (5, (6, 4), {}),  # a small vocabulary: many repeated ids
+        (9, (6, 3), {"padding_idx": 0}),
+        (9, (6, 3), {"padding_idx": -2, "sparse": True}),
+        (7, (6,), {}),  # one token per input
+        (500, (4, 2, 3), {}),  # a large vocabulary, two leading dimensions: token pairs are cheaper
+    ],
+)
+def test_embedding(vocab: int, shape: tuple, options: dict) -> None:
+    torch.manual_seed(0)
+    model = Tokens(vocab, 4, 2, **options).double()
+    ids1 = torch.randint(0, vocab, shape, generator=gen(5))
+    ids2 = torch.randint(0, vocab, (5, *shape[1:]), generator=gen(6))
+    if "padding_idx" in options:
+        ids1[:, 0] = model.embed.padding_idx  # every input holds padding
+    assert kinds(model, ids1)["embed"] is TokenGradients
+    for second in (None, ids2):
+        for chunk in (None, 4):
+            assert_matches_oracle(model, ids1, second, chunk)
+
+
+def test_embedding_routes_agree_and_each_is_taken() -> None:
+    """The per-input route on the ids that occur and the token-pair route give the same kernel."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 6, (5, 4), generator=gen(7))
+    g = torch.randn(5, 2, 4, 3, generator=gen(8), dtype=F64)
+    few, many = TokenGradients(ids, g, 6), TokenGradients(ids * 100, g, 600)
+    for mode in MODES:
+        by_ids, _ = few.pair(few, mode)  # 6 distinct ids against 16 token pairs: per input
+        by_pairs, _ = many.pair(many.rows(0, 5), mode)
+        dense, _ = PerInputGradients(few.as_gradients().J).pair(few.as_gradients(), mode)
+        assert float((by_ids - dense).abs().max()) < 1e-12 * float(dense.abs().max())
+        assert float((by_pairs - dense).abs().max()) < 1e-12 * float(dense.abs().max())
+
+
+def test_embedding_declines_max_norm_and_frequency_scaling() -> None:
+    """Frequency scaling is left to the default rule: per-input gradients scaled by each input's own
+    counts, as the oracle's. The model's own backward scales by the whole batch's counts, so it is no
+    gradient of the batch's outputs and the verification refuses the kernel. max_norm rewrites the
+    table in the forward, which torch.func cannot batch: method="structured" names the module."""
+    from ntkbook.ntk import NotStructuredError, VerificationError
+
+    torch.manual_seed(0)
+    model = Tokens(8, 4, 1, scale_grad_by_freq=True).double()
+    ids = torch.randint(0, 8, (4, 5), generator=gen(9))
+    assert kinds(model, ids)["embed"] is PerInputGradients
+    expected = oracle(model, ids)[:, :, 0, 0]
+    kernel = empirical_ntk(model, ids, method="structured", verify=False)
+    assert float((kernel - expected).abs().max() / expected.abs().max()) < 1e-10
+    with pytest.raises(VerificationError):
+        empirical_ntk(model, ids, method="structured")
+    renormed = Tokens(8, 4, 1, max_norm=1.0).double()
+    with pytest.raises(NotStructuredError, match=r"module 'embed' \(Embedding\)"):
+        empirical_ntk(renormed, ids, method="structured")
+
+
+# -------------------------------------------------------------------------------------- normalisation
+
+
+class Normed(nn.Module):
+    def __init__(self, norm: nn.Module, features: int, k: int) -> None:
+        super().__init__()
+        self.lift = nn.Linear(3, features)
+        self.norm = norm
+        self.readout = nn.Linear(features, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (n, ..., 3): the channels are moved to dimension 1 for GroupNorm and BatchNorm
+        h = self.lift(x)
+        if not isinstance(self.norm, nn.LayerNorm):
+            h = h.movedim(-1, 1)
+        h = torch.sin(self.norm(h))
+        if not isinstance(self.norm, nn.LayerNorm):
+            h = h.movedim(1, -1)
+        return self.readout(h.reshape(x.shape[0], -1, h.shape[-1]).mean(1))
+
+
+def _random_statistics(norm: nn.Module, seed: int) -> nn.Module:
+    norm.running_mean.copy_(torch.randn(norm.num_features, generator=gen(seed)))
+    norm.running_var.copy_(torch.rand(norm.num_features, generator=gen(seed + 1)) + 0.5)
+    return norm.eval()
+
+
+@pytest.mark.parametrize(
+    ("make_norm", "lead"),
+    [
+        (lambda: nn.LayerNorm(6), (5,)),
+        (lambda: nn.LayerNorm(6, bias=False), (2, 3)),
+        (lambda: nn.LayerNorm(6), ()),
+        (lambda: nn.GroupNorm(3, 6), (4,)),
+        (lambda: nn.GroupNorm(2, 6), (2, 3)),
+        (lambda: _random_statistics(nn.BatchNorm1d(6), 10), ()),
+        (lambda: _random_statistics(nn.BatchNorm1d(6), 11), (4,)),
+        (lambda: _random_statistics(nn.BatchNorm2d(6), 12), (2, 3)),
+    ],
+)
+def test_normalisation(make_norm, lead: tuple) -> None:
+    torch.manual_seed(0)
+    model = Normed(make_norm(), 6, 2).double()
+    with torch.no_grad():  # affine parameters away from their initial ones and zeros
+        model.norm.weight.normal_(generator=gen(13))
+        if model.norm.bias is not None:
+            model.norm.bias.normal_(generator=gen(14))
+    x1 = torch.randn(5, *lead, 3, generator=gen(15), dtype=F64)
+    x2 = torch.randn(3, *lead, 3, generator=gen(16), dtype=F64)
+    assert kinds(model, x1)["norm"] is PerInputGradients
+    for second in (None, x2):
+        assert_matches_oracle(model, x1, second, 2)
+
+
+def test_normalisation_rules_used_without_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default rule (vmap) is never called for the norms; without affine parameters a norm has
+    no feature at all."""
+    from ntkbook.ntk.structured import rules
+
+    calls = []
+    monkeypatch.setattr(rules, "default_rule", lambda *args: calls.append(args[1]))
+    for norm in (nn.LayerNorm(6), nn.GroupNorm(3, 6), _random_statistics(nn.BatchNorm1d(6), 17)):
+        torch.manual_seed(0)
+        model = Normed(norm, 6, 1).double()
+        kinds(model, torch.randn(4, 2, 3, generator=gen(18), dtype=F64))
+    assert calls == []
+    torch.manual_seed(0)
+    plain = Normed(nn.LayerNorm(6, elementwise_affine=False), 6, 1).double()
+    assert set(kinds(plain, torch.randn(4, 3, generator=gen(19), dtype=F64))) == {"lift", "readout"}
+
+
+def test_batch_norm_in_training_mode_is_declined_and_refused() -> None:
+    torch.manual_seed(0)
+    model = Normed(nn.BatchNorm1d(6), 6, 1).double()
+    x = torch.randn(4, 3, generator=gen(20), dtype=F64)
+    g = torch.ones(4, 1, 6, dtype=F64)
+    assert batch_norm_rule(model.norm, "norm", (torch.randn(4, 6, generator=gen(21), dtype=F64),), g) is None
+    with pytest.raises(ValueError, match=r"module 'norm' \(BatchNorm1d\) normalises with batch statistics"):
+        empirical_ntk(model, x, method="structured")
+    no_statistics = Normed(nn.BatchNorm1d(6, track_running_stats=False), 6, 1).double().eval()
+    with pytest.raises(ValueError, match="normalises with batch statistics"):
+        empirical_ntk(no_statistics, x, method="structured")
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+class Attending(nn.Module):
+    """Three dense layers make query, key and value from ``x`` (n, L, 3); attention over the first
+    ``source`` positions, with the layout and masks asked for; a readout of the mean."""
+
+    def __init__(self, batch_first: bool, mask: str | None = None, source: int = 5, **options: object) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, **options)
+        self.query = nn.Linear(3, 8)
+        self.key = nn.Linear(3, self.attention.kdim)
+        self.value = nn.Linear(3, self.attention.vdim)
+        self.readout = nn.Linear(8, 2)
+        self.batch_first, self.mask, self.source = batch_first, mask, source
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.query(x), self.key(x[:, : self.source]), self.value(x[:, : self.source])
+        masks: dict = {}
+        if self.mask == "padding":
+            masks["key_padding_mask"] = x[:, : self.source, 0] > 1.0
+            masks["key_padding_mask"][:, 0] = False  # every query sees one key
+        elif self.mask == "causal":
+            masks["attn_mask"] = torch.ones(x.shape[1], self.source, dtype=torch.bool).triu(1)
+        elif self.mask == "per input":  # a float mask (n * heads, L, S) made from each input
+            bias = torch.tanh(x[:, :, None, 1] - x[:, None, : self.source, 2])
+            masks["attn_mask"] = bias.repeat_interleave(2, 0)
+        if not self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        out = self.attention(q, k, v, **masks)[0]
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return self.readout(torch.tanh(out).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("batch_first", "mask", "options", "kind"),
+    [
+        (True, None, {}, SumOfFeatures),
+        (False, None, {}, SumOfFeatures),
+        (True, None, {"bias": False}, SumOfFeatures),
+        (False, "padding", {"kdim": 5, "vdim": 7}, SumOfFeatures),
+        (True, "causal", {"add_zero_attn": True}, SumOfFeatures),
+        (True, "per input", {}, SumOfFeatures),
+        (True, "padding", {"add_bias_kv": True}, PerInputGradients),  # the honest fallback
+        (False, "per input", {"add_bias_kv": True, "kdim": 4, "vdim": 6}, PerInputGradients),
+    ],
+)
+def test_multihead_attention(batch_first: bool, mask: str | None, options: dict, kind: type) -> None:
+    torch.manual_seed(0)
+    model = Attending(batch_first, mask, **options).double()
+    x1 = torch.randn(5, 6, 3, generator=gen(22), dtype=F64)
+    x2 = torch.randn(3, 6, 3, generator=gen(23), dtype=F64)
+    found = kinds(model, x1)
+    assert found["attention"] is kind
+    assert "attention.out_proj" not in found, "the attention rule covers out_proj's parameters"
+    for second in (None, x2):
+        assert_matches_oracle(model, x1, second, None if second is None else 2)
+
+
+def test_attention_with_frozen_projections() -> None:
+    torch.manual_seed(0)
+    model = Attending(True, None).double()
+    model.attention.in_proj_weight.requires_grad_(False)
+    model.attention.out_proj.bias.requires_grad_(False)
+    x = torch.randn(4, 6, 3, generator=gen(24), dtype=F64)
+    assert kinds(model, x)["attention"] is SumOfFeatures
+    assert_matches_oracle(model, x, None, None)
+    model.attention.requires_grad_(False)
+    model.attention.out_proj.weight.requires_grad_(True)  # only a submodule's parameter trains
+    assert kinds(model, x)["attention"] is SumOfFeatures
+    assert_matches_oracle(model, x, None, 3)
+
+
+class TwiceAttending(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 1, batch_first=True)
+        self.readout = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attention(x, x, x)[0]
+        return self.readout(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_attention_applied_twice_is_refused_by_name_and_auto_falls_back() -> None:
+    from ntkbook.ntk import NotStructuredError
+
+    torch.manual_seed(0)
+    model = TwiceAttending().double()
+    x = torch.randn(3, 4, 4, generator=gen(25), dtype=F64)
+    with pytest.raises(NotStructuredError, match=r"module 'attention' \(MultiheadAttention\) is applied more"):
+        empirical_ntk(model, x, method="structured")
+    assert not any(m._forward_hooks for m in model.modules()), "hooks must be removed after an error"
+    expected = oracle(model, x)[:, :, 0, 0]
+    assert float((empirical_ntk(model, x) - expected).abs().max() / expected.abs().max()) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------- transformer
+
+
+class TokenTransformer(nn.Module):
+    """The issue's workload, small: embedding, one encoder layer, mean over tokens, readout."""
+
+    def __init__(self, norm_first: bool, k: int, vocab: int = 11, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width, padding_idx=0)
+        self.encoder = nn.TransformerEncoderLayer(
+            width, 2, dim_feedforward=12, dropout=0.1, batch_first=True, norm_first=norm_first
+        )
+        self.readout = nn.Linear(width, k)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.encoder(self.embed(ids), src_key_padding_mask=ids == 0).mean(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_transformer_encoder_layer(norm_first: bool, k: int) -> None:
+    torch.manual_seed(0)
+    model = TokenTransformer(norm_first, k).double().eval()  # eval: dropout off
+    ids1 = torch.randint(1, 11, (5, 6), generator=gen(26))
+    ids1[:, -2:] = 0  # padded tails, masked out of attention
+    ids2 = torch.randint(0, 11, (4, 6), generator=gen(27))
+    ids2[:, 0] = 3
+    assert kinds(model, ids1) == {
+        "embed": TokenGradients,
+        "encoder.self_attn": SumOfFeatures,
+        "encoder.linear1": SequenceFactors,
+        "encoder.linear2": SequenceFactors,
+        "encoder.norm1": PerInputGradients,
+        "encoder.norm2": PerInputGradients,
+        "readout": DenseFactors,
+    }
+    for second in (None, ids2):
+        for chunk in (None, 2):
+            assert_matches_oracle(model, ids1, second, chunk)
+    expected = oracle(model, ids1)
+    assert float((empirical_ntk(model, ids1, mode="full") - in_mode(expected, "full")).abs().max()) < 1e-10 * float(
+        expected.abs().max()
+    )
