@@ -237,6 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--block-size", type=int, default=None, help="inputs per block side with --large (4096)")
     parser.add_argument("--folder", default=None, help="where --large writes its file (a temporary folder)")
+    parser.add_argument(
+        "--workloads", nargs="+", default=None, help="side-by-side table of these workloads ('all', or names)"
+    )
+    parser.add_argument("--peers", nargs="+", default=None, help="libraries beside ntkbook ('all', or names)")
+    parser.add_argument("--jax-python", default=None, help="the Python of neural-tangents' own environment")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.large:
@@ -246,6 +251,12 @@ def main(argv: list[str] | None = None) -> None:
         width = args.widths[0] if args.widths else LARGE_WIDTH
         row = run_large(args.n or LARGE_N, width, args.block_size or LARGE_BLOCK, args.folder)
         print(json.dumps(row) if args.json else format_large(row))
+        return
+    if args.workloads or args.peers:
+        # Imported here: the side-by-side table is its own module (ntkbook._bench_peers).
+        from ntkbook._bench_peers import main_table
+
+        main_table(args.workloads or ["all"], args.peers or ["all"], args.repeats, args.jax_python, args.json)
         return
     args.widths, args.n = args.widths or [256, 1024, 4096], args.n or 256
     if args.device.startswith("cuda") and not torch.cuda.is_available():
