@@ -10,6 +10,10 @@ batch with parameter gradients, ``model(x).sum().backward()``: any method that n
 gradients pays at least for a pass like it. A case whose :func:`~ntkbook.ntk.memory_estimate` exceeds
 the free memory is reported as not fitting rather than run.
 
+``python -m ntkbook.benchmark --workloads all --peers all [--jax-python .venv-jax/bin/python]`` instead
+prints ntkbook beside other NTK libraries on the issue's workloads, each kernel checked against a float64
+oracle (``ntkbook._bench_peers``; the environments come from ``.ci/bench-setup``).
+
 Introduced in chapter 6 (:doc:`/chapters/06_torch_func`).
 """
 
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--peers", nargs="+", default=None, help="libraries beside ntkbook ('all', or names)")
     parser.add_argument("--jax-python", default=None, help="the Python of neural-tangents' own environment")
+    parser.add_argument("--small", action="store_true", help="tiny versions of the workloads (a smoke test)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.large:
@@ -256,7 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         # Imported here: the side-by-side table is its own module (ntkbook._bench_peers).
         from ntkbook._bench_peers import main_table
 
-        main_table(args.workloads or ["all"], args.peers or ["all"], args.repeats, args.jax_python, args.json)
+        main_table(
+            args.workloads or ["all"], args.peers or ["all"], args.repeats, args.jax_python, args.json, args.small
+        )
         return
     args.widths, args.n = args.widths or [256, 1024, 4096], args.n or 256
     if args.device.startswith("cuda") and not torch.cuda.is_available():
