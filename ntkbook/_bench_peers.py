@@ -35,13 +35,23 @@ TIME_BUDGET_S = 15.0  # a method slower than this per call gets fewer repeats (a
 RUNNER = Path(__file__).with_name("_nt_runner.py")
 
 
+def _jax_env(threads: int | None) -> dict[str, str]:
+    """The runner's environment: CPU only, tensorflow quiet, and one thread when ``threads == 1``."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    if threads == 1:
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    return env
+
+
 class _JaxPeer:
     """neural-tangents in its own interpreter: compiled once, then timed one call per ``time`` line."""
 
-    def __init__(self, jax_python: str, workload: Workload, model: nn.Module, x: torch.Tensor, folder: str) -> None:
+    def __init__(
+        self, jax_python: str, workload: Workload, model: nn.Module, x: torch.Tensor, folder: str, threads: int | None
+    ) -> None:
         spec, out = os.path.join(folder, "spec.npz"), os.path.join(folder, "out.npz")
         np.savez(spec, **jax_spec(workload, model, x))
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+        env = _jax_env(threads)
         self.process = subprocess.Popen(
             [jax_python, str(RUNNER), spec, out],
             stdin=subprocess.PIPE,
@@ -89,7 +99,12 @@ def oracle_kernel(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def run_workload(
-    workload: Workload, methods: list[str], repeats: int, jax_python: str | None, small: bool = False
+    workload: Workload,
+    methods: list[str],
+    repeats: int,
+    jax_python: str | None,
+    small: bool = False,
+    threads: int | None = None,
 ) -> dict[str, object]:
     """Time every method on one workload; returns ``{"workload", "cells": {method: {...}}}``, where a cell
     holds ``median_ms``, ``repeats`` and ``error`` (relative to the oracle), or ``failed``/``skipped``."""
@@ -105,13 +120,13 @@ def run_workload(
             reason = None if method in OURS else unavailable(method, jax_python)
             need = memory_needed(method, x.shape[0], workload.outputs, params, peer_mode)
             if reason is None and need > available_memory(torch.device("cpu")) / 2:
-                reason = f"out of memory (needs {need / 2**30:.0f} GiB)"
+                reason = f"out of memory (needs {need / 2**30:.1f} GiB)"
             if reason is not None:
                 cells[method] = {"skipped": reason}
                 continue
             try:
                 if method == "neural-tangents":
-                    jax_peer = _JaxPeer(jax_python, workload, model, x, folder)
+                    jax_peer = _JaxPeer(jax_python, workload, model, x, folder, threads)
                     kernel, first = jax_peer.kernel, jax_peer.time()
                     calls[method] = jax_peer.time
                 else:
@@ -163,14 +178,17 @@ def _torch_gemm_gflops(size: int) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def gemm_gflops(jax_python: str | None, size: int = 2048) -> dict[str, float | str]:
+def gemm_gflops(jax_python: str | None, size: int = 2048, threads: int | None = None) -> dict[str, float | str]:
     """GFLOP/s of one ``size^3`` float32 product (median of 7) in torch and, with ``jax_python``, in JAX
     (XLA), then in torch again: the load of a shared machine can change between the two."""
     result: dict[str, float | str] = {"torch": round(_torch_gemm_gflops(size), 1)}
     if jax_python is not None:
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
         done = subprocess.run(
-            [jax_python, str(RUNNER), "--gemm", str(size)], check=False, capture_output=True, text=True, env=env
+            [jax_python, str(RUNNER), "--gemm", str(size)],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=_jax_env(threads),
         )
         lines = done.stdout.strip().splitlines()
         result["jax"] = round(json.loads(lines[-1])["gflops"], 1) if done.returncode == 0 and lines else "failed"
@@ -196,7 +214,13 @@ def format_peer_table(rows: list[dict[str, object]], methods: list[str]) -> str:
 
 
 def main_table(
-    workloads: list[str], peers: list[str], repeats: int, jax_python: str | None, as_json: bool, small: bool = False
+    workloads: list[str],
+    peers: list[str],
+    repeats: int,
+    jax_python: str | None,
+    as_json: bool,
+    small: bool = False,
+    threads: int | None = None,
 ) -> None:
     """The ``--workloads``/``--peers`` table of ``python -m ntkbook.benchmark``, printed; ``small`` runs the
     tiny versions of the workloads and a ``256^3`` product (a smoke test)."""
@@ -208,8 +232,8 @@ def main_table(
     unknown = sorted(set(methods) - set(OURS) - set(PEERS))
     if unknown:
         raise ValueError(f"peers must be 'all' or among {list(PEERS)}, got {unknown}")
-    rows = [run_workload(WORKLOADS[key], methods, repeats, jax_python, small) for key in keys]
-    gemm = gemm_gflops(jax_python, 256 if small else 2048)
+    rows = [run_workload(WORKLOADS[key], methods, repeats, jax_python, small, threads) for key in keys]
+    gemm = gemm_gflops(jax_python, 256 if small else 2048, threads)
     if as_json:
         print(json.dumps({"rows": rows, "gemm_gflops": gemm}, indent=1))
         return

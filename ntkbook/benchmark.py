@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="full", choices=["full", "trace", "diagonal"], help="kernel mode")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per case after one warm-up")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every case")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads for every case (--threads 1: JAX too)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     parser.add_argument(
         "--large", action="store_true", help="the 40,000-input NTK of a width-1024 MLP to disk with blocked_kernel"
@@ -261,9 +263,10 @@ def main(argv: list[str] | None = None) -> None:
         # Imported here: the side-by-side table is its own module (ntkbook._bench_peers).
         from ntkbook._bench_peers import main_table
 
-        main_table(
-            args.workloads or ["all"], args.peers or ["all"], args.repeats, args.jax_python, args.json, args.small
-        )
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        workloads, peers = args.workloads or ["all"], args.peers or ["all"]
+        main_table(workloads, peers, args.repeats, args.jax_python, args.json, args.small, args.threads)
         return
     args.widths, args.n = args.widths or [256, 1024, 4096], args.n or 256
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from ntkbook import benchmark
 from ntkbook import _bench_adapters as adapters
 from ntkbook import _bench_peers as peers
+from ntkbook import benchmark
 from ntkbook._bench_workloads import VOCABULARY, WORKLOADS, build, jax_spec
 from ntkbook.ntk import empirical_ntk
 
@@ -149,3 +149,14 @@ def test_the_command_line_prints_the_table_on_tiny_workloads() -> None:
         benchmark.main(["--workloads", "resnet", "--small"])
     with pytest.raises(ValueError, match="peers"):
         benchmark.main(["--workloads", "mlp256", "--peers", "jax", "--small"])
+
+
+def test_peers_that_hold_per_input_gradients_are_not_run_past_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = EXPECTED["mlp4096"][2]
+    assert adapters.memory_needed("jacrev", 256, 1, params, "trace") == 4 * 256 * params  # about 16 GiB
+    assert adapters.memory_needed("asdl", 256, 10, params, "trace") == 2 * 4 * 256 * params
+    assert adapters.memory_needed("asdl", 256, 10, params, "full") == 10 * 2 * 4 * 256 * params
+    assert adapters.memory_needed("nngeometry", 256, 1, params, "trace") == 0
+    monkeypatch.setattr(peers, "available_memory", lambda device: 1024)
+    row = peers.run_workload(WORKLOADS["mlp256"], ["jacrev"], 1, None, small=True)
+    assert row["cells"]["jacrev"] == {"skipped": "out of memory (needs 0.0 GiB)"}
