@@ -9,6 +9,9 @@ trace). How each computes an NTK:
   (backward hooks per layer and output; layers it does not know raise).
 - ``asdl``: ASDL's ``empirical_class_wise_direct_ntk`` (per-output Grams from per-layer hooks) for a trace
   or one output, ``empirical_direct_ntk`` (per-input gradients, then one product) for a full kernel.
+- ``asdl-hadamard``: ASDL's ``empirical_class_wise_hadamard_ntk``, per layer the Hadamard product of the
+  Grams of the layer's inputs and of its output gradients: exact for ``nn.Linear`` on ``(n, d)`` inputs,
+  an approximation for convolutions and sequences (the oracle shows by how much); a trace only.
 - ``backpack``: BackPACK's ``BatchGrad`` (per-input gradients), one forward and backward pass per output, then the
   Gram; parameters of modules BackPACK does not extend get no gradient, which is counted and reported.
 - ``neural-tangents``: ``nt.empirical_ntk_fn(..., implementation=STRUCTURED_DERIVATIVES)``, jitted, in the
@@ -26,8 +29,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-PEERS = ("jacrev", "nngeometry", "asdl", "backpack", "neural-tangents")
-_MODULES = {"nngeometry": "nngeometry", "asdl": "asdl", "backpack": "backpack"}
+PEERS = ("jacrev", "nngeometry", "asdl", "asdl-hadamard", "backpack", "neural-tangents")
+_MODULES = {"nngeometry": "nngeometry", "asdl": "asdl", "asdl-hadamard": "asdl", "backpack": "backpack"}
 Kernel = Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
 
 
@@ -70,6 +73,14 @@ def asdl_kernel(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     return empirical_direct_ntk(model, x)
 
 
+def asdl_hadamard_kernel(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    from asdl.kernel import empirical_class_wise_hadamard_ntk
+
+    if mode != "trace":
+        raise NotImplementedError("ASDL's Hadamard-factored kernel is class-wise only: no full kernel")
+    return empirical_class_wise_hadamard_ntk(model, x).sum(-1)
+
+
 def backpack_kernel(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     from backpack import backpack
     from backpack.extensions import BatchGrad
@@ -105,6 +116,7 @@ ADAPTERS: dict[str, Kernel] = {
     "jacrev": jacrev_kernel,
     "nngeometry": nngeometry_kernel,
     "asdl": asdl_kernel,
+    "asdl-hadamard": asdl_hadamard_kernel,
     "backpack": backpack_kernel,
 }
 
