@@ -7,8 +7,8 @@ Each workload is one seeded float32 PyTorch model and its inputs, the same weigh
 - ``mlp512x10-full``, ``mlp512x10-trace``: the same with ``w = 512`` and 10 outputs, ``n = 128``, the full
   ``(n, n, 10, 10)`` kernel and its trace over outputs ``(n, n)``.
 - ``cnn``: :func:`ntkbook.convolutional.cnn` in PyTorch's standard parameterisation, ``3 x 16 x 16 ->``
-  two ``nn.Conv2d(32, 3 x 3, 'same')`` with biases and ReLU ``->`` global average pooling ``->``
-  ``nn.Linear(32, 10)``; trace over the 10 outputs, ``n = 64`` Gaussian images.
+  two ``nn.Conv2d(32, 3 x 3, 'same')`` with biases and ReLU ``->`` flatten ``->`` ``nn.Linear(8192, 10)``
+  (the CNN of ``ntkbook.benchmark_cnn``); trace over the 10 outputs, ``n = 64`` Gaussian images.
 - ``transformer``: ``nn.Embedding(100, 64)`` ``->`` ``nn.TransformerEncoderLayer(d_model=64, nhead=4,
   dim_feedforward=2048, dropout=0, batch_first=True)`` (post-norm, ReLU: PyTorch's defaults) ``->`` mean
   over the 16 tokens ``->`` ``nn.Linear(64, 1)``; ``n = 64`` sequences of token ids.
@@ -55,7 +55,7 @@ WORKLOADS = {
         Workload("mlp4096", "MLP 20-4096-4096-1, n=256", "mlp", "full", 256, 4096),
         Workload("mlp512x10-full", "MLP 20-512-512-10, full, n=128", "mlp", "full", 128, 512, 10),
         Workload("mlp512x10-trace", "MLP 20-512-512-10, trace, n=128", "mlp", "trace", 128, 512, 10),
-        Workload("cnn", "CNN 3x16x16, 2 conv(32), GAP, 10 out, trace, n=64", "cnn", "trace", 64, 32, 10),
+        Workload("cnn", "CNN 3x16x16, 2 conv(32), flatten, 10 out, trace, n=64", "cnn", "trace", 64, 32, 10),
         Workload(
             "transformer",
             "Embedding + encoder layer(64, 4 heads) + mean, 16 tokens, n=64",
@@ -133,7 +133,16 @@ def build(workload: Workload, small: bool = False) -> tuple[nn.Module, torch.Ten
         return model, torch.randn(n, 20, generator=data_gen), _twin(model)
     if workload.family == "cnn":
         channels, side = (4, 6) if small else (workload.width, 16)
-        model = cnn(3, channels, 2, workload.outputs, parameterization="standard", generator=model_gen)
+        model = cnn(
+            3,
+            channels,
+            2,
+            workload.outputs,
+            pooling="flatten",
+            image_size=side,
+            parameterization="standard",
+            generator=model_gen,
+        )
         return model, torch.randn(n, 3, side, side, generator=data_gen), model
     if workload.family == "transformer":
         d_model, heads, feedforward, tokens = (8, 2, 16, 5) if small else (workload.width, 4, 2048, 16)

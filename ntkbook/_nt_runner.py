@@ -52,7 +52,7 @@ def _cnn(spec, params, x):
             h, params[f"{layer}.weight"], (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")
         )
         h = jax.nn.relu(h + params[f"{layer}.bias"][None, :, None, None])
-    return _dense(h.mean(axis=(2, 3)), params["5.weight"]) + params["5.bias"]
+    return _dense(h.reshape(h.shape[0], -1), params["5.weight"]) + params["5.bias"]  # nn.Flatten of NCHW
 
 
 def _layer_norm(h, weight, bias, eps):

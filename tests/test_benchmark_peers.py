@@ -24,7 +24,7 @@ from ntkbook._bench_workloads import VOCABULARY, WORKLOADS, build, jax_spec
 from ntkbook.ntk import empirical_ntk
 
 # workload -> (input shape, output width, parameter count, parameter tensors), counted by hand:
-# MLP 20w + w^2 + w (no biases); CNN (3*9*32 + 32) + (32*9*32 + 32) + (32*10 + 10);
+# MLP 20w + w^2 + w (no biases); CNN (3*9*32 + 32) + (32*9*32 + 32) + (32*16*16*10 + 10);
 # transformer 100*64 (embedding) + 3*64*64 + 3*64 (in_proj) + 64*64 + 64 (out_proj) + 64*2048 + 2048
 # + 2048*64 + 64 (feed-forward) + 4*64 (two LayerNorms) + 64 + 1 (readout).
 EXPECTED = {
@@ -33,7 +33,7 @@ EXPECTED = {
     "mlp4096": ((256, 20), 1, 20 * 4096 + 4096**2 + 4096, 3),
     "mlp512x10-full": ((128, 20), 10, 20 * 512 + 512**2 + 5120, 3),
     "mlp512x10-trace": ((128, 20), 10, 20 * 512 + 512**2 + 5120, 3),
-    "cnn": ((64, 3, 16, 16), 10, 896 + 9248 + 330, 6),
+    "cnn": ((64, 3, 16, 16), 10, 896 + 9248 + 32 * 256 * 10 + 10, 6),
     "transformer": ((64, 16), 1, 6400 + 12480 + 4160 + 133120 + 131136 + 256 + 65, 15),
 }
 
