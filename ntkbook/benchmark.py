@@ -10,6 +10,10 @@ batch with parameter gradients, ``model(x).sum().backward()``: any method that n
 gradients pays at least for a pass like it. A case whose :func:`~ntkbook.ntk.memory_estimate` exceeds
 the free memory is reported as not fitting rather than run.
 
+``python -m ntkbook.benchmark --workloads all --peers all [--jax-python .venv-jax/bin/python]`` instead
+prints ntkbook beside other NTK libraries on the issue's workloads, each kernel checked against a float64
+oracle (``ntkbook._bench_peers``; the environments come from ``.ci/bench-setup``).
+
 Introduced in chapter 6 (:doc:`/chapters/06_torch_func`).
 """
 
@@ -230,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="full", choices=["full", "trace", "diagonal"], help="kernel mode")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per case after one warm-up")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every case")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads for every case (--threads 1: JAX too)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     parser.add_argument(
         "--large", action="store_true", help="the 40,000-input NTK of a width-1024 MLP to disk with blocked_kernel"
@@ -239,6 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", default=None, help="where --large writes its file (a temporary folder)")
     parser.add_argument("--cnn", action="store_true", help="the CNN of issue 13 side by side (trace mode, n=64)")
     parser.add_argument("--implicit", action="store_true", help="with --cnn, also time method='implicit' (slow)")
+    parser.add_argument(
+        "--workloads", nargs="+", default=None, help="side-by-side table of these workloads ('all', or names)"
+    )
+    parser.add_argument("--peers", nargs="+", default=None, help="libraries beside ntkbook ('all', or names)")
+    parser.add_argument("--jax-python", default=None, help="the Python of neural-tangents' own environment")
+    parser.add_argument("--small", action="store_true", help="tiny versions of the workloads (a smoke test)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cnn:
@@ -254,6 +266,15 @@ def main(argv: list[str] | None = None) -> None:
         width = args.widths[0] if args.widths else LARGE_WIDTH
         row = run_large(args.n or LARGE_N, width, args.block_size or LARGE_BLOCK, args.folder)
         print(json.dumps(row) if args.json else format_large(row))
+        return
+    if args.workloads or args.peers:
+        # Imported here: the side-by-side table is its own module (ntkbook._bench_peers).
+        from ntkbook._bench_peers import main_table
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        workloads, peers = args.workloads or ["all"], args.peers or ["all"]
+        main_table(workloads, peers, args.repeats, args.jax_python, args.json, args.small, args.threads)
         return
     args.widths, args.n = args.widths or [256, 1024, 4096], args.n or 256
     if args.device.startswith("cuda") and not torch.cuda.is_available():
