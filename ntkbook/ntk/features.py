@@ -219,45 +219,14 @@ def batch_size(features: Features) -> int:
     return next(iter(features.values())).n
 
 
-# The Gram of pieces stacks slices of all vectors into one buffer of about this many entries: small enough
-# to stay in cache, large enough that the loop over slices costs little.
-STACK = 64 * GRAM_CHUNK
-
-
-def _partial_gram(rows: torch.Tensor) -> torch.Tensor:
-    """The Gram ``(c, c)`` of the rows of ``rows`` (c, L) in float64: float32 partial sums over chunks of
-    ``GRAM_CHUNK`` entries in one batched product, added in float64."""
-    c, length = rows.shape
-    q = length // GRAM_CHUNK
+def float64_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """All inner products of the rows of ``a`` (c1, P) and ``b`` (c2, P), in float64 on the CPU: partial
+    sums over chunks of ``GRAM_CHUNK`` entries in one batched product, added in float64, so the rounding
+    is that of a kernel entry (see :mod:`ntkbook.ntk.features`)."""
+    q = a.shape[1] // GRAM_CHUNK
     whole = q * GRAM_CHUNK
-    head = rows[:, :whole].reshape(c, q, GRAM_CHUNK).transpose(0, 1)
-    total = torch.bmm(head, head.transpose(1, 2)).double().sum(0)
-    return total + (rows[:, whole:] @ rows[:, whole:].T).double()
-
-
-def float64_gram(vectors: list[list[torch.Tensor | None]]) -> torch.Tensor:
-    """All inner products ``(c, c)`` of ``c`` vectors, each given as pieces (one per parameter tensor,
-    ``None`` for zeros), in float64 on the CPU, rounding like a kernel entry (see :func:`gram`). The pieces
-    are never concatenated into vectors: each piece is read once, in slices (a multiple of ``GRAM_CHUNK``
-    entries, ``c`` slices about ``STACK`` entries in all) stacked into one reused buffer, so no vector-sized
-    copy is written."""
-    c = len(vectors)
-    width = max(1, STACK // (c * GRAM_CHUNK)) * GRAM_CHUNK
-    total = torch.zeros(c, c, dtype=torch.float64)
-    for pieces in zip(*vectors):
-        present = [i for i, t in enumerate(pieces) if t is not None]
-        if not present:
-            continue
-        flat = [pieces[i].reshape(-1) for i in present]
-        size = flat[0].numel()
-        buffer = flat[0].new_empty(len(flat), min(width, size))
-        part = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=flat[0].device)
-        for start in range(0, size, width):
-            stop = min(start + width, size)
-            rows = buffer if stop - start == buffer.shape[1] else buffer[:, : stop - start]
-            for row, piece in zip(rows, flat):
-                row.copy_(piece[start:stop])
-            part += _partial_gram(rows)
-        index = torch.tensor(present)
-        total[index[:, None], index[None, :]] += part.cpu()
-    return total
+    head = torch.bmm(
+        a[:, :whole].reshape(a.shape[0], q, GRAM_CHUNK).transpose(0, 1),
+        b[:, :whole].reshape(b.shape[0], q, GRAM_CHUNK).permute(1, 2, 0),
+    )
+    return head.double().sum(0).cpu() + (a[:, whole:] @ b[:, whole:].T).double().cpu()

@@ -10,16 +10,17 @@ def flat_gradient(
     params: list[torch.Tensor],
     cotangent: torch.Tensor | None,
     retain_graph: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:math:`\\nabla_\\theta \\langle c, f \\rangle` for the cotangent ``c`` (the shape of ``output``;
     ``None`` for a scalar output), as one flat vector over ``params`` in order: unused parameters give
-    zeros, sparse gradients (``nn.Embedding(sparse=True)``) are made dense.
+    zeros, sparse gradients (``nn.Embedding(sparse=True)``) are made dense; written into ``out`` if given.
 
     A model with reentrant ``torch.utils.checkpoint`` cannot be differentiated by
     ``torch.autograd.grad``; it gets ``backward()`` instead, with every ``.grad`` restored after."""
     grads = parameter_gradients(output, params, cotangent, retain_graph)
     parts = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
-    return torch.cat(parts)
+    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
 
 
 def parameter_gradients(

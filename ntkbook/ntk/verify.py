@@ -87,8 +87,8 @@ import zlib
 import torch
 
 from ntkbook.ntk.blocks import ranges
-from ntkbook.ntk.features import GRAM_CHUNK, float64_gram
-from ntkbook.ntk.grads import parameter_gradients
+from ntkbook.ntk.features import GRAM_CHUNK, float64_dots
+from ntkbook.ntk.grads import flat_gradient
 from ntkbook.ntk.independence import BatchCheck, check_batch
 from ntkbook.ntk.request import Request, apply
 
@@ -159,9 +159,8 @@ class Verifier:
         return probes.transpose(1, 2)[:, :, :, None] * eye[None, :, None, :]
 
     def _gradients(self, name: str, x: torch.Tensor, rows: torch.Tensor, cot: torch.Tensor) -> tuple:
-        """:math:`J^\\top c` for every cotangent ``c`` of ``cot`` (m, o, r, k), as a list of ``m o`` gradients,
-        each a list of per-parameter tensors (``None`` where unused; never concatenated, which would copy
-        every gradient once more), and the outputs ``(r, k)`` in the order of ``rows``; in chunks of ``chunk_size`` rows, as the
+        """:math:`J^\\top c` for every cotangent ``c`` of ``cot`` (m, o, r, k), ``(m o, P)`` in the model's
+        dtype, and the outputs ``(r, k)`` in the order of ``rows``; in chunks of ``chunk_size`` rows, as the
         kernel was, so memory stays bounded alike.
 
         Each chunk runs with one extra, unprobed input (a copy of the first probed row, with a zero
@@ -175,7 +174,7 @@ class Verifier:
         differently, and a ReLU unit within rounding of zero may flip."""
         request = self.request
         m, o = cot.shape[:2]
-        total: list[list[torch.Tensor | None]] | None = None
+        total = None
         outputs = []
         order = torch.arange(len(rows))
         if len(rows) < x.shape[0]:
@@ -187,8 +186,10 @@ class Verifier:
             outputs.append(out[:-1].detach())
             c = cot[:, :, start:stop].to(out.dtype).to(out.device)
             c = torch.cat([c, c.new_zeros(m, o, 1, c.shape[-1])], dim=2).reshape(m * o, *out.shape)
-            grads = [parameter_gradients(out, request.params, ci, retain_graph=i + 1 < m * o) for i, ci in enumerate(c)]
-            total = grads if total is None else [[_add(t, g) for t, g in zip(ts, gs)] for ts, gs in zip(total, grads)]
+            grads = out.new_empty(m * o, request.num_params)
+            for i, ci in enumerate(c):
+                flat_gradient(out, request.params, ci, retain_graph=i + 1 < m * o, out=grads[i])
+            total = grads if total is None else total.add_(grads)
         return total, torch.cat(outputs)[order.argsort().to(x.device)]
 
     def sides(self) -> tuple:
@@ -201,22 +202,21 @@ class Verifier:
             # With x2 = x1 one set of probes serves both sides: every pair (a, b), a = b included, is a check.
             probes1 = self._probes(SYMMETRIC_PROBES if request.symmetric else PROBES, len(rows1))
             grads, out1 = self._gradients("x1", request.x1, rows1, self._cotangents(probes1))
-            rows2, probes2 = rows1, probes1
+            rows2, probes2, grads2 = rows1, probes1, grads
             if not request.symmetric:
                 rows2 = self._rows(request.x2.shape[0])
                 probes2 = self._probes(PROBES, len(rows2))
                 grads2, out2 = self._gradients("x2", request.x2, rows2, self._cotangents(probes2))
-                grads += grads2
             self._check_batch("x1", request.x1, rows1, out1, True)
             if not request.symmetric:
                 self._check_batch("x2", request.x2, rows2, out2, False)
-            # The Gram of all J^T c (rounding like a kernel entry's): with x2 given, of both sides together,
-            # whose diagonal gives the norms. The gradients are dropped once it is known.
-            gram = float64_gram(grads)
-            m, o = probes1.shape[0], len(grads) // (1 if request.symmetric else 2) // probes1.shape[0]
-            norms = gram.diagonal().clamp_min(0).sqrt()
-            dots = gram[: m * o, -m * o :].reshape(m, o, m, o)
-            norms1, norms2 = norms[: m * o].reshape(m, o), norms[-m * o :].reshape(m, o)
+            # All inner products of the J^T c by the pairwise Gram (rounding like a kernel entry's), once
+            # for every method the ladder tries; the gradients are dropped once they are known.
+            m = probes1.shape[0]
+            o = grads.shape[0] // m
+            dots = float64_dots(grads, grads2).reshape(m, o, m, o)
+            norms1 = grads.norm(dim=1).double().cpu().reshape(m, o)
+            norms2 = norms1 if request.symmetric else grads2.norm(dim=1).double().cpu().reshape(m, o)
             self._sides = rows1, probes1, rows2, probes2, dots, norms1, norms2
         return self._sides
 
@@ -255,13 +255,6 @@ class Verifier:
         self.last_ratio = ratio
         if not ratio <= 1.0:
             raise VerificationError(_failure(method, ratio, self.request.reference.dtype))
-
-
-def _add(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
-    """Two chunks' gradients of one parameter added (in place), ``None`` meaning zero."""
-    if total is None or part is None:
-        return part if total is None else total
-    return total.add_(part)
 
 
 def _identity_terms(
