@@ -52,6 +52,20 @@ class Feature(ABC):
         return gram(self.as_gradients().J, other.as_gradients().J, mode), None
 
 
+class OutputGradientFeature(Feature):
+    """A kind built on the output gradients ``G`` (n, k, ...) of its layer: its rows are those of ``G``."""
+
+    G: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.G.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.G.shape[1]
+
+
 @dataclass
 class PerInputGradients(Feature):
     """``J`` (n, k, p): per-input gradients of the outputs with respect to ``p`` parameters."""
@@ -74,7 +88,7 @@ class PerInputGradients(Feature):
 
 
 @dataclass
-class DenseFactors(Feature):
+class DenseFactors(OutputGradientFeature):
     """A dense layer's factors: inputs ``A`` (n, d), or ``None`` when the weight is frozen; output
     gradients ``G`` (n, k, m); the squared weight and bias multipliers ``s2``, ``sb2`` (0 without a
     trainable bias)."""
@@ -83,14 +97,6 @@ class DenseFactors(Feature):
     G: torch.Tensor
     s2: float
     sb2: float
-
-    @property
-    def n(self) -> int:
-        return self.G.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.G.shape[1]
 
     def rows(self, start: int, stop: int) -> DenseFactors:
         a = None if self.A is None else self.A[start:stop]

@@ -32,27 +32,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ntkbook.ntk.features import Feature, PerInputGradients, gram
+from ntkbook.ntk.features import Feature, OutputGradientFeature, PerInputGradients, gram
 from ntkbook.ntk.structured.dense import plain_forward
 from ntkbook.ntk.structured.rules import register
 
 
 @dataclass
-class TokenGradients(Feature):
+class TokenGradients(OutputGradientFeature):
     """Token ids ``ids`` (n, S), output gradients ``G`` (n, k, S, m) (zero at padding positions), and
     the vocabulary size ``vocab`` (only :meth:`as_gradients` needs it)."""
 
     ids: torch.Tensor
     G: torch.Tensor
     vocab: int
-
-    @property
-    def n(self) -> int:
-        return self.G.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.G.shape[1]
 
     def rows(self, start: int, stop: int) -> TokenGradients:
         return TokenGradients(self.ids[start:stop], self.G[start:stop], self.vocab)

@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ntkbook.ntk.features import Feature, PerInputGradients, gram
+from ntkbook.ntk.features import Feature, OutputGradientFeature, PerInputGradients, gram
 
 # Per-input gradients larger than this (entries per side) are formed and contracted in slices.
 SLICE_ENTRIES = 2**20
 
 
 @dataclass
-class SequenceFactors(Feature):
+class SequenceFactors(OutputGradientFeature):
     """Inputs ``A`` (n, S, d), or ``None`` when the weight is frozen; output gradients ``G`` (n, k, S, m);
     the squared multipliers ``s2`` and ``sb2`` (0 without a trainable bias). The per-input gradients
     are formed once, when first needed, and kept; the rows of a feature (``source``) take theirs from
@@ -54,14 +54,6 @@ class SequenceFactors(Feature):
     _stacked: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _columns: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _self_grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def n(self) -> int:
-        return self.G.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.G.shape[1]
 
     def rows(self, start: int, stop: int) -> SequenceFactors:
         a = None if self.A is None else self.A[start:stop]
