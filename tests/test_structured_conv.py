@@ -219,3 +219,18 @@ def test_a_changed_forward_falls_back_to_the_default_rule(default_rule_calls: li
         kernel = empirical_ntk(model, x, method="structured", mode="full")
         assert relative_error(kernel, oracle(model, x, None, "full")) < RTOL
     assert default_rule_calls == ["0", "0"]
+
+
+@pytest.mark.parametrize("padding", [(1, 1), "same", "valid"])
+def test_padding_changed_after_construction_is_the_one_used(padding) -> None:
+    """``nn.Conv2d`` with zero padding pads by its live ``padding``, not the amounts cached when it was built."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 2, stride=1 if padding == "same" else 3)
+    conv.padding = padding
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model(x)  # materialises the lazy readout
+    for mode in MODES:
+        kernel = empirical_ntk(model, x, method="structured", mode=mode, verify=False)
+        reference = oracle(model, x, None, mode)
+        assert float((kernel - reference).norm() / reference.norm()) < 1e-10, mode

@@ -645,6 +645,25 @@ def test_the_same_batch_twice_costs_what_one_batch_costs(method: str) -> None:
     assert torch.equal(twice, once)
 
 
+class Angle(nn.Module):
+    """``atan2(x, -1)`` is pi at 0.0 and -pi at -0.0: a model that tells the two zeros apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.atan2(x, -torch.ones_like(x)))
+
+
+def test_a_batch_equal_to_x1_only_up_to_the_sign_of_zero_is_its_own_batch() -> None:
+    model = _seeded(Angle)()
+    x1, x2 = torch.tensor([[0.0], [1.0]], dtype=F64), torch.tensor([[-0.0], [1.0]], dtype=F64)
+    for method in METHODS:
+        kernel = empirical_ntk(model, x1, x2, method=method)
+        assert abs(float(kernel[0, 0]) - (1 - math.pi**2)) < 1e-12, method  # 1 + atan2(0, -1) atan2(-0, -1)
+
+
 def test_auto_runs_the_model_a_bounded_number_of_times() -> None:
     class TiedHead(nn.Module):
         def __init__(self) -> None:

@@ -147,6 +147,14 @@ def outputs_per_input(model: nn.Module, name: str, x: torch.Tensor) -> int:
         return apply(model, name, x[:1]).shape[1]
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit the same batch: ``torch.equal`` would also pair -0.0 with 0.0, which a model can tell
+    apart (``atan2``, ``1 / x``)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
 def make_request(model: nn.Module, x1: object, x2: object, method: object, mode: object, chunk_size: object) -> Request:
     """Check every argument of :func:`~ntkbook.ntk.empirical_ntk` and count the outputs per input."""
     params = trainable_parameters(model)
@@ -163,7 +171,7 @@ def make_request(model: nn.Module, x1: object, x2: object, method: object, mode:
     x1 = check_batch("x1", x1, params[0])
     if x2 is not None:
         x2 = check_batch("x2", x2, params[0])
-        if x2.shape == x1.shape and x2.dtype == x1.dtype and torch.equal(x2, x1):
+        if x2 is x1 or _same_bits(x1, x2):
             x2 = None  # the same batch twice: its kernel is the symmetric one, at the symmetric one's cost
     chunk_size = check_options(method, mode, chunk_size)
     refuse_random_or_batch_layers(model)

@@ -89,10 +89,26 @@ def geometry(module: nn.Module) -> Geometry | None:
         return Geometry(
             (half,) * 4, "constant", kernel, (1, 1), (1, 1), 1, module.weight_scale, module.bias_std, *trained
         )
-    # PyTorch's layers pad with these amounts ('same' puts an odd total's extra element on the right).
+    # PyTorch's forward pads zeros by the live ``padding`` and other modes by the amounts cached when the
+    # layer was built ('same' puts an odd total's extra element on the right).
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    pads = tuple(module._reversed_padding_repeated_twice)
+    pads = tuple(module._reversed_padding_repeated_twice) if mode != "constant" else _zero_pads(module)
     return Geometry(pads, mode, module.kernel_size, module.stride, module.dilation, module.groups, 1.0, 1.0, *trained)
+
+
+def _zero_pads(module: nn.Module) -> tuple[int, ...]:
+    """``F.pad``'s amounts (last dimension first) for the padding ``F.conv`` applies from ``module.padding``."""
+    padding = module.padding
+    if padding == "valid":
+        return (0, 0) * len(module.kernel_size)
+    pads: list[int] = []
+    for i in reversed(range(len(module.kernel_size))):
+        if padding == "same":
+            total = module.dilation[i] * (module.kernel_size[i] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [padding[i], padding[i]]
+    return tuple(pads)
 
 
 def patches(a: torch.Tensor, geo: Geometry) -> torch.Tensor:
