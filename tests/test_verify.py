@@ -645,6 +645,29 @@ def test_the_same_batch_twice_costs_what_one_batch_costs(method: str) -> None:
     assert torch.equal(twice, once)
 
 
+class Gate(nn.Module):
+    """A layer's weight also used outside the layer, for one input of 64 only: a subset of rows probed by
+    the verification would see it only if that input were drawn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = (x[:, :1] > 3.0).to(x.dtype)
+        return self.l2(torch.tanh(self.l1(x))) + gate * F.linear(x, self.l1.weight).sum(1, keepdim=True)
+
+
+def test_a_weight_used_outside_its_layer_for_one_input_is_refused_by_name() -> None:
+    model = _seeded(Gate)()
+    x = _x(64, 4)
+    x[:, 0] = x[:, 0].clamp(max=2.0)
+    x[5, 0] = 4.0
+    with pytest.raises(ValueError, match=r"parameter 'weight' of module 'l1' \(Linear\) is used outside"):
+        empirical_ntk(model, x, method="structured")
+    assert rel(empirical_ntk(model, x), oracle(model, x)) < 1e-10
+
+
 class Angle(nn.Module):
     """``atan2(x, -1)`` is pi at 0.0 and -pi at -0.0: a model that tells the two zeros apart."""
 

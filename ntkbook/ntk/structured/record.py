@@ -110,3 +110,45 @@ def record_layers(
     if not copy and any(versions[m] != [t._version for t in (*a, z)] for m, (a, z, _) in captured.items()):
         return record_layers(model, found, name, x, copy=True)
     return out, captured
+
+
+def _parameter_uses(roots: list, stop: set) -> dict[int, int]:
+    """How many edges of the autograd graph reached from ``roots`` (not entering ``stop``) lead to each
+    leaf tensor, by ``id``."""
+    uses: dict[int, int] = {}
+    seen, todo = set(stop), [r for r in roots if r is not None]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)
+            if leaf is not None:
+                uses[id(leaf)] = uses.get(id(leaf), 0) + 1
+            else:
+                todo.append(child)
+    return uses
+
+
+def check_parameter_uses(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]) -> None:
+    """Every use of a trainable parameter in the graph of ``out`` must lie inside its module's recorded
+    call, or the rules would leave it out. A tied weight (``F.linear(h, embedding.weight)``), a layer
+    called through ``layer.forward`` (which runs no hooks) or ``F.conv2d(x, conv.weight)`` beside
+    ``conv(x)`` are refused here by name. (Uses inside a call are counted from its output back to its
+    inputs; where that walk reaches further, it can only count more, never refuse a sound model.)"""
+    total = _parameter_uses([out.grad_fn], set())
+    for module, name in found.items():
+        inside: dict[int, int] = {}
+        if module in captured:
+            args, z, _ = captured[module]
+            inside = _parameter_uses([z.grad_fn], {a.grad_fn for a in args if a.grad_fn is not None})
+        for key, p in module.named_parameters(recurse=type(module) in WHOLE):
+            if p.requires_grad and total.get(id(p), 0) > inside.get(id(p), 0):
+                raise NotStructuredError(
+                    f"parameter {key!r} of module {name!r} ({type(module).__name__}) is used outside the module's "
+                    "own call (a tied weight, a layer run through .forward(), or its weight passed to a function "
+                    "directly); method='structured' needs each parameter used inside its module's call only"
+                )
