@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, vjp
 
 from ntkbook.ntk.features import Feature, PerInputGradients
 from ntkbook.ntk.structured.dense import plain_forward
-from ntkbook.ntk.structured.rules import NotStructuredError, register
+from ntkbook.ntk.structured.rules import per_input_gradients, register
 from ntkbook.ntk.structured.sequence import sequence_factors
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -194,15 +194,7 @@ def per_input_fallback(
 
     repeated = [t.repeat_interleave(k, 0) for t in args] + [g.reshape(n * k, *g.shape[2:])]
     repeated += [m.repeat_interleave(k, 0) for m in masks.values()]
-    try:
-        grads = vmap(pair)(*repeated)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except (RuntimeError, NotImplementedError) as err:
-        raise NotStructuredError(
-            f"cannot take per-input gradients of module {name!r} (MultiheadAttention): {err}"
-        ) from None
-    return PerInputGradients(torch.cat([t.reshape(n, k, -1) for t in grads.values()], dim=2))
+    return per_input_gradients(module, name, params, pair, tuple(repeated), n, k)
 
 
 @register(nn.MultiheadAttention, recorder=record_attention, whole=True)

@@ -67,8 +67,18 @@ def default_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> 
         _, pullback = vjp(lambda p: functional_call(module, p, tuple(t.unsqueeze(0) for t in a)).squeeze(0), params)
         return pullback(gi)[0]
 
+    rows = (*(t.repeat_interleave(k, 0) for t in args), g.reshape(n * k, *g.shape[2:]))
+    return per_input_gradients(module, name, params, pair, rows, n, k)
+
+
+def per_input_gradients(
+    module: nn.Module, name: str, params: dict[str, torch.Tensor], pair: Callable, rows: tuple, n: int, k: int
+) -> PerInputGradients:
+    """``vmap(pair)`` over the ``n k`` (input, output) ``rows``, ``pair`` giving one row's gradients of
+    ``params`` as a dict, concatenated in the dict's order to ``(n, k, p)``; torch's failures and a
+    gradient of the wrong shape are :class:`NotStructuredError` naming the module."""
     try:
-        grads = vmap(pair)(*(t.repeat_interleave(k, 0) for t in args), g.reshape(n * k, *g.shape[2:]))
+        grads = vmap(pair)(*rows)
     except torch.cuda.OutOfMemoryError:
         raise
     except (RuntimeError, NotImplementedError) as err:
