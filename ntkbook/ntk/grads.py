@@ -18,21 +18,19 @@ def flat_gradient(
 
     A model with reentrant ``torch.utils.checkpoint`` cannot be differentiated by
     ``torch.autograd.grad``; it gets ``backward()`` instead, with every ``.grad`` restored after."""
-    grads = parameter_gradients(output, params, cotangent, retain_graph)
-    parts = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
-    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
-
-
-def parameter_gradients(
-    output: torch.Tensor, params: list[torch.Tensor], cotangent: torch.Tensor | None, retain_graph: bool
-) -> list[torch.Tensor | None]:
-    """:math:`\\nabla_\\theta \\langle c, f \\rangle` per parameter, ``None`` where a parameter is unused;
-    dense (``nn.Embedding(sparse=True)`` gives sparse gradients)."""
     if not output.requires_grad:
         # An output that no trainable parameter reaches (a frozen branch) has a zero gradient.
-        return [None] * len(params)
-    grads = _autograd_gradients(output, params, cotangent, retain_graph)
-    return [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads]
+        grads = [None] * len(params)
+    else:
+        grads = _autograd_gradients(output, params, cotangent, retain_graph)
+    parts = []
+    for g, p in zip(grads, params):
+        if g is None:
+            g = torch.zeros_like(p)
+        elif g.layout != torch.strided:
+            g = g.to_dense()
+        parts.append(g.reshape(-1))
+    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
 
 
 def _autograd_gradients(
