@@ -223,16 +223,3 @@ def rows(features: Features, start: int, stop: int) -> Features:
 
 def batch_size(features: Features) -> int:
     return next(iter(features.values())).n
-
-
-def float64_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """All inner products of the rows of ``a`` (c1, P) and ``b`` (c2, P), in float64 on the CPU: partial
-    sums over chunks of ``GRAM_CHUNK`` entries in one batched product, added in float64, so the rounding
-    is that of a kernel entry (see :mod:`ntkbook.ntk.features`)."""
-    q = a.shape[1] // GRAM_CHUNK
-    whole = q * GRAM_CHUNK
-    head = torch.bmm(
-        a[:, :whole].reshape(a.shape[0], q, GRAM_CHUNK).transpose(0, 1),
-        b[:, :whole].reshape(b.shape[0], q, GRAM_CHUNK).permute(1, 2, 0),
-    )
-    return head.double().sum(0).cpu() + (a[:, whole:] @ b[:, whole:].T).double().cpu()

@@ -1,20 +1,23 @@
-"""Parameter gradients by the model's own autograd: what the loop method and the verification use."""
+"""Parameter gradients by the model's own autograd, and their Gram: what the loop method and the
+verification use."""
 
 from __future__ import annotations
 
 import torch
 
+from ntkbook.ntk.features import GRAM_CHUNK
 
-def flat_gradient(
-    output: torch.Tensor,
-    params: list[torch.Tensor],
-    cotangent: torch.Tensor | None,
-    retain_graph: bool,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+# The Gram of gradient vectors streams through blocks of this many entries of each vector: a block of
+# every vector fits in cache, and no copy of a whole gradient is ever allocated.
+GRAM_BLOCK = 16 * GRAM_CHUNK
+
+
+def parameter_gradients(
+    output: torch.Tensor, params: list[torch.Tensor], cotangent: torch.Tensor | None, retain_graph: bool
+) -> list[torch.Tensor]:
     """:math:`\\nabla_\\theta \\langle c, f \\rangle` for the cotangent ``c`` (the shape of ``output``;
-    ``None`` for a scalar output), as one flat vector over ``params`` in order: unused parameters give
-    zeros, sparse gradients (``nn.Embedding(sparse=True)``) are made dense; written into ``out`` if given.
+    ``None`` for a scalar output), one dense tensor per parameter: an unused parameter gives a zero
+    tensor that allocates no memory, sparse gradients (``nn.Embedding(sparse=True)``) are made dense.
 
     A model with reentrant ``torch.utils.checkpoint`` cannot be differentiated by
     ``torch.autograd.grad``; it gets ``backward()`` instead, with every ``.grad`` restored after."""
@@ -23,14 +26,47 @@ def flat_gradient(
         grads = [None] * len(params)
     else:
         grads = _autograd_gradients(output, params, cotangent, retain_graph)
-    parts = []
+    dense = []
     for g, p in zip(grads, params):
         if g is None:
-            g = torch.zeros_like(p)
+            g = p.new_zeros(()).expand(p.shape)
         elif g.layout != torch.strided:
             g = g.to_dense()
-        parts.append(g.reshape(-1))
-    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+        dense.append(g.detach())
+    return dense
+
+
+def flat_gradient(
+    output: torch.Tensor, params: list[torch.Tensor], cotangent: torch.Tensor | None, retain_graph: bool
+) -> torch.Tensor:
+    """:func:`parameter_gradients` as one flat vector over ``params`` in order."""
+    return torch.cat([g.reshape(-1) for g in parameter_gradients(output, params, cotangent, retain_graph)])
+
+
+def float64_gram(vectors: list[list[torch.Tensor]]) -> torch.Tensor:
+    """All inner products of ``c`` gradient vectors, each a list of tensors shaped like the parameters:
+    ``(c, c)`` in float64 on the CPU. Partial sums over chunks of ``GRAM_CHUNK`` entries in the
+    gradients' dtype, added in float64, so the rounding is that of a kernel entry
+    (``ntkbook.ntk.features``); streamed through blocks of ``GRAM_BLOCK`` entries, so memory beyond
+    the gradients stays ``c * GRAM_BLOCK`` entries, and each gradient is read once."""
+    c = len(vectors)
+    first = vectors[0][0]
+    total = torch.zeros(c, c, dtype=torch.float64, device=first.device)
+    buffer = first.new_empty(c * GRAM_BLOCK)
+    for tensors in zip(*vectors):
+        flats = [t.reshape(-1) for t in tensors]
+        size = flats[0].numel()
+        for start in range(0, size, GRAM_BLOCK):
+            stop = min(start + GRAM_BLOCK, size)
+            block = torch.stack([f[start:stop] for f in flats], out=buffer[: c * (stop - start)].view(c, -1))
+            whole = (stop - start) // GRAM_CHUNK * GRAM_CHUNK
+            if whole:
+                chunks = block[:, :whole].reshape(c, -1, GRAM_CHUNK).transpose(0, 1)
+                total += torch.bmm(chunks, chunks.transpose(1, 2)).double().sum(0)
+            if whole < stop - start:
+                tail = block[:, whole:]
+                total += (tail @ tail.T).double()
+    return total.cpu()
 
 
 def _autograd_gradients(

@@ -87,8 +87,8 @@ import zlib
 import torch
 
 from ntkbook.ntk.blocks import ranges
-from ntkbook.ntk.features import GRAM_CHUNK, float64_dots
-from ntkbook.ntk.grads import flat_gradient
+from ntkbook.ntk.features import GRAM_CHUNK
+from ntkbook.ntk.grads import float64_gram, parameter_gradients
 from ntkbook.ntk.independence import BatchCheck, check_batch
 from ntkbook.ntk.request import Request, apply
 
@@ -159,9 +159,9 @@ class Verifier:
         return probes.transpose(1, 2)[:, :, :, None] * eye[None, :, None, :]
 
     def _gradients(self, name: str, x: torch.Tensor, rows: torch.Tensor, cot: torch.Tensor) -> tuple:
-        """:math:`J^\\top c` for every cotangent ``c`` of ``cot`` (m, o, r, k), ``(m o, P)`` in the model's
-        dtype, and the outputs ``(r, k)`` in the order of ``rows``; in chunks of ``chunk_size`` rows, as the
-        kernel was, so memory stays bounded alike.
+        """:math:`J^\\top c` for every cotangent ``c`` of ``cot`` (m, o, r, k), ``m o`` lists of tensors shaped
+        like the parameters, in the model's dtype, and the outputs ``(r, k)`` in the order of ``rows``; in
+        chunks of ``chunk_size`` rows, as the kernel was, so memory stays bounded alike.
 
         Each chunk runs with one extra, unprobed input (a copy of the first probed row, with a zero
         cotangent), so the batch the identity differentiates is never the one the kernel was computed
@@ -174,7 +174,7 @@ class Verifier:
         differently, and a ReLU unit within rounding of zero may flip."""
         request = self.request
         m, o = cot.shape[:2]
-        total = None
+        total: list[list[torch.Tensor]] = []
         outputs = []
         order = torch.arange(len(rows))
         if len(rows) < x.shape[0]:
@@ -186,10 +186,9 @@ class Verifier:
             outputs.append(out[:-1].detach())
             c = cot[:, :, start:stop].to(out.dtype).to(out.device)
             c = torch.cat([c, c.new_zeros(m, o, 1, c.shape[-1])], dim=2).reshape(m * o, *out.shape)
-            grads = out.new_empty(m * o, request.num_params)
-            for i, ci in enumerate(c):
-                flat_gradient(out, request.params, ci, retain_graph=i + 1 < m * o, out=grads[i])
-            total = grads if total is None else total.add_(grads)
+            grads = [parameter_gradients(out, request.params, ci, retain_graph=i + 1 < m * o) for i, ci in enumerate(c)]
+            # Out of place: a gradient autograd returns may share memory with the cotangent or the model.
+            total = grads if not total else [[a + b for a, b in zip(t, g)] for t, g in zip(total, grads)]
         return total, torch.cat(outputs)[order.argsort().to(x.device)]
 
     def sides(self) -> tuple:
@@ -202,7 +201,7 @@ class Verifier:
             # With x2 = x1 one set of probes serves both sides: every pair (a, b), a = b included, is a check.
             probes1 = self._probes(SYMMETRIC_PROBES if request.symmetric else PROBES, len(rows1))
             grads, out1 = self._gradients("x1", request.x1, rows1, self._cotangents(probes1))
-            rows2, probes2, grads2 = rows1, probes1, grads
+            rows2, probes2, grads2 = rows1, probes1, []
             if not request.symmetric:
                 rows2 = self._rows(request.x2.shape[0])
                 probes2 = self._probes(PROBES, len(rows2))
@@ -210,14 +209,16 @@ class Verifier:
             self._check_batch("x1", request.x1, rows1, out1, True)
             if not request.symmetric:
                 self._check_batch("x2", request.x2, rows2, out2, False)
-            # All inner products of the J^T c by the pairwise Gram (rounding like a kernel entry's), once
-            # for every method the ladder tries; the gradients are dropped once they are known.
+            # All inner products of the J^T c, by partial Grams that round like a kernel entry's, once for
+            # every method the ladder tries; the gradients are dropped once they are known.
             m = probes1.shape[0]
-            o = grads.shape[0] // m
-            dots = float64_dots(grads, grads2).reshape(m, o, m, o)
-            norms1 = grads.norm(dim=1).double().cpu().reshape(m, o)
-            norms2 = norms1 if request.symmetric else grads2.norm(dim=1).double().cpu().reshape(m, o)
-            self._sides = rows1, probes1, rows2, probes2, dots, norms1, norms2
+            o = len(grads) // m
+            products = float64_gram(grads + grads2)
+            norms = products.diagonal().sqrt()
+            dots = products[: len(grads), len(grads) :] if grads2 else products
+            norms1 = norms[: len(grads)].reshape(m, o)
+            norms2 = norms[len(grads) :].reshape(m, o) if grads2 else norms1
+            self._sides = rows1, probes1, rows2, probes2, dots.reshape(m, o, m, o), norms1, norms2
         return self._sides
 
     def _check_batch(self, name: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, again: bool) -> None:
