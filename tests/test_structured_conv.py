@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from autograd_oracle import in_mode, oracle
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,26 +20,6 @@ from ntkbook.ntk.structured.conv import ConvFeature, choose_patch_gram, patch_gr
 # float64 sums the same products in another order: ~1e-16 of the kernel's scale per entry.
 RTOL = 1e-10
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-
-def oracle(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
-    """The kernel from explicit per-input gradients: one ``autograd.grad`` per input and output."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def jacobian(x: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for i in range(x.shape[0]):
-            out = model(x[i : i + 1]).reshape(-1)
-            grads = [torch.autograd.grad(out[a], params, retain_graph=True) for a in range(out.shape[0])]
-            rows.append(torch.stack([torch.cat([t.reshape(-1) for t in g]) for g in grads]))
-        return torch.stack(rows)
-
-    j1 = jacobian(x1)
-    j2 = j1 if x2 is None else jacobian(x2)
-    full = torch.einsum("iap,jbp->ijab", j1, j2)
-    if full.shape[2] == 1:
-        return full[:, :, 0, 0]
-    return {"full": full, "trace": torch.einsum("ijaa->ij", full), "diagonal": torch.einsum("ijaa->ija", full)}[mode]
 
 
 def relative_error(kernel: torch.Tensor, reference: torch.Tensor) -> float:
@@ -124,7 +105,7 @@ def default_rule_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @given(case=conv_nets(), mode=st.sampled_from(MODES), chunk_size=st.sampled_from([None, 1, 2]))
 def test_conv_rule_matches_the_autograd_oracle(case, mode: str, chunk_size: int | None) -> None:
     model, x1, x2 = case
-    reference = oracle(model, x1, x2, mode)
+    reference = in_mode(oracle(model, x1, x2), mode)
     kernel = empirical_ntk(model, x1, x2, method="structured", mode=mode, chunk_size=chunk_size, verify=False)
     assert kernel.shape == reference.shape
     assert relative_error(kernel, reference) < RTOL, (mode, chunk_size)
@@ -149,7 +130,7 @@ def test_both_routes_equal_the_oracle(case, mode: str) -> None:
     for p in model.parameters():
         p.requires_grad_(p is model[0].weight)
     mode = mode if model[-1].out_features > 1 else "trace"  # one output: every mode is the (n1, n2) matrix
-    reference = oracle(model, x1, x2, mode)
+    reference = in_mode(oracle(model, x1, x2), mode)
     with torch.enable_grad():
         f1 = structured_features(model, layers(model), "x1", x1)["0"]
         f2 = f1 if x2 is None else structured_features(model, layers(model), "x2", x2)["0"]
@@ -185,7 +166,7 @@ def test_the_cost_model_picks_patch_grams_for_small_outputs_and_gradients_for_la
             feature = structured_features(model, layers(model), "x1", x)["0"]
         assert choose_patch_gram(feature, feature, "trace") is patch_expected
         kernel = empirical_ntk(model, x, method="structured", mode="trace")
-        assert relative_error(kernel, oracle(model, x, None, "trace")) < RTOL
+        assert relative_error(kernel, in_mode(oracle(model, x, None), "trace")) < RTOL
 
 
 def test_the_book_cnn_and_the_verified_default_use_the_rule(default_rule_calls: list[str]) -> None:
@@ -197,7 +178,7 @@ def test_the_book_cnn_and_the_verified_default_use_the_rule(default_rule_calls: 
         x2 = torch.randn(3, 2, 5, 5, generator=gen, dtype=torch.float64)
         for mode in MODES:
             kernel = empirical_ntk(model, x1, x2, method="structured", mode=mode)
-            assert relative_error(kernel, oracle(model, x1, x2, mode)) < RTOL
+            assert relative_error(kernel, in_mode(oracle(model, x1, x2), mode)) < RTOL
     assert default_rule_calls == []
 
 
@@ -217,7 +198,7 @@ def test_a_changed_forward_falls_back_to_the_default_rule(default_rule_calls: li
         x = torch.randn(3, 2, 6, generator=gen, dtype=torch.float64)
         model(x)
         kernel = empirical_ntk(model, x, method="structured", mode="full")
-        assert relative_error(kernel, oracle(model, x, None, "full")) < RTOL
+        assert relative_error(kernel, in_mode(oracle(model, x, None), "full")) < RTOL
     assert default_rule_calls == ["0", "0"]
 
 
@@ -232,5 +213,5 @@ def test_padding_changed_after_construction_is_the_one_used(padding) -> None:
     model(x)  # materialises the lazy readout
     for mode in MODES:
         kernel = empirical_ntk(model, x, method="structured", mode=mode, verify=False)
-        reference = oracle(model, x, None, mode)
+        reference = in_mode(oracle(model, x, None), mode)
         assert float((kernel - reference).norm() / reference.norm()) < 1e-10, mode

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from autograd_oracle import in_mode, oracle
 from torch import nn
 
 from ntkbook import empirical_ntk
@@ -20,34 +21,6 @@ from ntkbook.ntk.structured.norms import batch_norm_rule
 from ntkbook.ntk.structured.sequence import SequenceFactors
 
 F64 = torch.float64
-
-
-def oracle(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
-    """Θ (n1, n2, k, k) from per-input gradients of every trainable parameter, one input at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def jacobian(x: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for i in range(x.shape[0]):
-            out = model(x[i : i + 1]).reshape(-1)
-            for a in range(out.numel()):
-                grads = torch.autograd.grad(out[a], params, retain_graph=True, allow_unused=True)
-                flat = [(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1) for g, p in zip(grads, params)]
-                rows.append(torch.cat(flat))
-        return torch.stack(rows).reshape(x.shape[0], -1, sum(p.numel() for p in params))
-
-    j1 = jacobian(x1)
-    j2 = j1 if x2 is None else jacobian(x2)
-    return torch.einsum("iap,jbp->ijab", j1, j2)
-
-
-def in_mode(full: torch.Tensor, mode: str) -> torch.Tensor:
-    """The oracle's (n1, n2, k, k) kernel in ``mode``'s shape, squeezed as empirical_ntk squeezes."""
-    if full.shape[-1] == 1:
-        return full[:, :, 0, 0]
-    if mode == "trace":
-        return full.diagonal(dim1=2, dim2=3).sum(-1)
-    return full.diagonal(dim1=2, dim2=3) if mode == "diagonal" else full
 
 
 def assert_matches_oracle(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, chunk: int | None) -> None:

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from autograd_oracle import oracle
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -25,31 +26,6 @@ from ntkbook.ntk.structured import layers, structured_features
 from ntkbook.ntk.verify import Verifier
 
 F64 = torch.float64
-
-
-def oracle(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
-    """Θ (n1, n2, k, k) by one backward pass per input and output, each input run alone."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def jacobian(x: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for i in range(x.shape[0]):
-            out = model(x[i : i + 1]).reshape(-1)
-            for a in range(out.numel()):
-                grads = torch.autograd.grad(out[a], params, retain_graph=True, allow_unused=True)
-                rows.append(
-                    torch.cat(
-                        [
-                            (torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
-                            for g, p in zip(grads, params)
-                        ]
-                    )
-                )
-        return torch.stack(rows).reshape(x.shape[0], -1, sum(p.numel() for p in params))
-
-    j1 = jacobian(x1)
-    j2 = j1 if x2 is None else jacobian(x2)
-    return torch.einsum("iap,jbp->ijab", j1, j2)
 
 
 def as_full(kernel: torch.Tensor) -> torch.Tensor:
