@@ -407,6 +407,35 @@ def test_attention_applied_twice_is_refused_by_name_and_auto_falls_back() -> Non
     assert float((empirical_ntk(model, x) - expected).abs().max() / expected.abs().max()) < 1e-10
 
 
+class WeightReading(nn.Module):
+    """Uses the attention weights (``need_weights=True``) besides the attention output."""
+
+    def __init__(self, average: bool) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.readout = nn.Linear(4, 1)
+        self.average = average
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, weights = self.attention(x, x, x, average_attn_weights=self.average)
+        return self.readout(out.mean(1))[:, 0] + weights.pow(2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_attention_weights_used_by_the_model_are_refused_by_name_even_unverified(average: bool) -> None:
+    from ntkbook.ntk import NotStructuredError
+
+    torch.manual_seed(0)
+    model = WeightReading(average).double()
+    x = torch.randn(4, 3, 4, generator=gen(26), dtype=F64)
+    with pytest.raises(NotStructuredError, match=r"module 'attention' \(MultiheadAttention\) returns a second"):
+        empirical_ntk(model, x, method="structured", verify=False)
+    expected = oracle(model, x)[:, :, 0, 0]
+    for verify in (True, False):
+        kernel = empirical_ntk(model, x, verify=verify)
+        assert float((kernel - expected).abs().max() / expected.abs().max()) < 1e-10
+
+
 # ---------------------------------------------------------------------------------------- transformer
 
 

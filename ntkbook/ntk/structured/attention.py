@@ -21,7 +21,7 @@ backward passes, :math:`O(n k (L S E + (L + S) E^2))`, then the four pairs (see 
 memory: the projections and their gradients, :math:`O(n k (L + S) E)`, plus each pair's.
 
 The rule differentiates ``attn_output`` only: a model that also uses the returned attention weights
-(``need_weights=True``) has terms it misses, which the verification reports. A non-batch-first layer is
+(``need_weights=True``) is refused by name (``record.check_other_outputs``). A non-batch-first layer is
 recorded batch-first (its inputs and output transposed as views, so gradients still reach the
 output); the layers around it in ``nn.TransformerEncoderLayer(batch_first=False)`` act on
 ``(L, n, E)``, not on rows, and are refused by the recording's row check.
@@ -81,15 +81,23 @@ class SumOfFeatures(Feature):
 
 
 def record_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: object) -> tuple:
-    """``(query, key, value)`` batch-first, the other arguments by name, ``attn_output`` batch-first, and
-    how to give the network its output back (the attention weights untouched)."""
+    """``(query, key, value)`` batch-first, the other arguments by name, ``attn_output`` batch-first, how
+    to give the network its output back (the attention weights untouched), and the weights, which the
+    model must not use (``record.check_other_outputs``)."""
     named = _SIGNATURE.bind(module, *args, **kwargs).arguments
     tensors = tuple(named.pop(key) for key in ("query", "key", "value"))
     named.pop("self")
     z, weights = output
+    others = () if weights is None else (weights,)
     if module.batch_first or z.ndim != 3:
-        return tensors, named, z, lambda t: (t, weights)
-    return tuple(t.transpose(0, 1) for t in tensors), named, z.transpose(0, 1), lambda t: (t.transpose(0, 1), weights)
+        return tensors, named, z, lambda t: (t, weights), others
+    return (
+        tuple(t.transpose(0, 1) for t in tensors),
+        named,
+        z.transpose(0, 1),
+        lambda t: (t.transpose(0, 1), weights),
+        others,
+    )
 
 
 def _structured_applies(module: nn.MultiheadAttention, args: tuple) -> bool:

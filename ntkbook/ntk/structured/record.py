@@ -48,7 +48,9 @@ def _check_one_row_per_input(label: str, tensors: tuple, n: int) -> None:
             )
 
 
-Recorded = tuple[tuple, torch.Tensor, "dict | None"]
+# A layer's positional tensor inputs, its output, its keyword arguments (layers with a recorder of their
+# own, else None) and the other tensors it returned, which its rule does not differentiate.
+Recorded = tuple[tuple, torch.Tensor, "dict | None", tuple]
 
 
 def record_layers(
@@ -80,21 +82,21 @@ def record_layers(
             )
         recorder = RECORDERS.get(type(module))
         if recorder is not None:
-            args, kwargs, z, rebuild = recorder(module, args, kwargs, output)
+            args, kwargs, z, rebuild, others = recorder(module, args, kwargs, output)
         elif kwargs:
             raise NotStructuredError(
                 f"{label} is called with keyword arguments ({', '.join(kwargs)}); method='structured' needs "
                 "layers called with positional tensors only"
             )
         else:
-            z, kwargs = output, None
+            z, kwargs, others = output, None, ()
         if not isinstance(z, torch.Tensor) or any(not isinstance(a, torch.Tensor) for a in args):
             raise NotStructuredError(
                 f"{label} takes or returns something other than tensors; method='structured' needs tensor "
                 "inputs and one tensor output per layer"
             )
         _check_one_row_per_input(label, (*args, z), x.shape[0])
-        captured[module] = (args, z, kwargs)
+        captured[module] = (args, z, kwargs, others)
         versions[module] = [t._version for t in (*args, z)]
         if recorder is not None:
             return rebuild(z.clone() if copy else z)
@@ -107,7 +109,7 @@ def record_layers(
     finally:
         for handle in handles:
             handle.remove()
-    if not copy and any(versions[m] != [t._version for t in (*a, z)] for m, (a, z, _) in captured.items()):
+    if not copy and any(versions[m] != [t._version for t in (*a, z)] for m, (a, z, _, _) in captured.items()):
         return record_layers(model, found, name, x, copy=True)
     return out, captured
 
@@ -143,7 +145,7 @@ def check_parameter_uses(out: torch.Tensor, captured: dict[nn.Module, Recorded],
     for module, name in found.items():
         inside: dict[int, int] = {}
         if module in captured:
-            args, z, _ = captured[module]
+            args, z, _, _ = captured[module]
             inside = _parameter_uses([z.grad_fn], {a.grad_fn for a in args if a.grad_fn is not None})
         for key, p in module.named_parameters(recurse=type(module) in WHOLE):
             if p.requires_grad and total.get(id(p), 0) > inside.get(id(p), 0):
@@ -152,3 +154,26 @@ def check_parameter_uses(out: torch.Tensor, captured: dict[nn.Module, Recorded],
                     "own call (a tied weight, a layer run through .forward(), or its weight passed to a function "
                     "directly); method='structured' needs each parameter used inside its module's call only"
                 )
+
+
+def check_other_outputs(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]) -> None:
+    """A tensor a layer returns besides its output (attention's weights with ``need_weights=True``) must
+    not reach ``out``: its rule differentiates the layer's output only. Refused by name where the
+    graph of ``out`` reaches one (a graph walk, no gradient computed)."""
+    others = {t.grad_fn: module for module, (_, _, _, ts) in captured.items() for t in ts if t.grad_fn is not None}
+    if not others or out.grad_fn is None:
+        return
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node in others:
+            module = others[node]
+            raise NotStructuredError(
+                f"module {found[module]!r} ({type(module).__name__}) returns a second tensor that the model uses "
+                "(the attention weights of need_weights=True, say); method='structured' differentiates each "
+                "layer's output only"
+            )
+        if node in seen:
+            continue
+        seen.add(node)
+        todo.extend(child for child, _ in node.next_functions if child is not None)

@@ -29,10 +29,11 @@ class NotStructuredError(ValueError):
 LayerRule = Callable[..., Feature | None]
 RULES: dict[type, LayerRule] = {}
 # A layer called with keyword arguments or returning a tuple (``nn.MultiheadAttention``) is recorded by
-# its own function: ``(module, args, kwargs, output)`` to ``(tensors, kwargs, z, rebuild)`` with
-# batch-first ``tensors`` and ``z``, and ``rebuild(z)`` the output the network goes on with (made from
-# ``z``, so that gradients reach ``z``); its rule is called with ``kwargs=...``.
-Recorder = Callable[[nn.Module, tuple, dict, object], tuple[tuple, dict, torch.Tensor, Callable]]
+# its own function: ``(module, args, kwargs, output)`` to ``(tensors, kwargs, z, rebuild, others)`` with
+# batch-first ``tensors`` and ``z``, ``rebuild(z)`` the output the network goes on with (made from
+# ``z``, so that gradients reach ``z``) and ``others`` the other tensors it returned, which the model
+# must not use; its rule is called with ``kwargs=...``.
+Recorder = Callable[[nn.Module, tuple, dict, object], tuple[tuple, dict, torch.Tensor, Callable, tuple]]
 RECORDERS: dict[type, Recorder] = {}
 # Layers whose rule accounts for the parameters of their submodules too (attention's ``out_proj``,
 # whose forward it never calls).
