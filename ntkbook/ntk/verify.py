@@ -194,7 +194,8 @@ class Verifier:
     def sides(self) -> tuple:
         """``(rows1, probes1, rows2, probes2, dots, norms1, norms2)``, after the batch checks: the probed
         rows and probes of each side, the inner products :math:`\\langle J_1^\\top c_1, J_2^\\top c_2\\rangle`
-        ``(m, o, m, o)`` of every pair of cotangents and their norms ``(m, o)``, in float64."""
+        ``(m1, m2, o)`` of every pair of cotangents for one output (``o = 1`` in full mode, where each
+        cotangent covers every output) and their norms ``(m, o)``, in float64."""
         if self._sides is None:
             request = self.request
             rows1 = self._rows(request.x1.shape[0])
@@ -209,16 +210,21 @@ class Verifier:
             self._check_batch("x1", request.x1, rows1, out1, True)
             if not request.symmetric:
                 self._check_batch("x2", request.x2, rows2, out2, False)
-            # All inner products of the J^T c, by partial Grams that round like a kernel entry's, once for
-            # every method the ladder tries; the gradients are dropped once they are known.
-            m = probes1.shape[0]
-            o = len(grads) // m
-            products = float64_gram(grads + grads2)
-            norms = products.diagonal().sqrt()
-            dots = products[: len(grads), len(grads) :] if grads2 else products
-            norms1 = norms[: len(grads)].reshape(m, o)
-            norms2 = norms[len(grads) :].reshape(m, o) if grads2 else norms1
-            self._sides = rows1, probes1, rows2, probes2, dots.reshape(m, o, m, o), norms1, norms2
+            # The inner products of the J^T c, by partial Grams that round like a kernel entry's, once for
+            # every method the ladder tries; the gradients are dropped once they are known. Only
+            # cotangents of one output pair up (in full mode each cotangent covers every output).
+            m1, m2 = probes1.shape[0], probes2.shape[0]
+            o = len(grads) // m1
+            dots = torch.empty(m1, m2, o, dtype=torch.float64)
+            norms1, norms2 = torch.empty(m1, o, dtype=torch.float64), torch.empty(m2, o, dtype=torch.float64)
+            for c in range(o):
+                mine, theirs = grads[c::o], grads2[c::o]
+                products = float64_gram(mine + theirs)
+                norms = products.diagonal().sqrt()
+                dots[:, :, c] = products[:m1, m1:] if theirs else products
+                norms1[:, c] = norms[:m1]
+                norms2[:, c] = norms[m1:] if theirs else norms
+            self._sides = rows1, probes1, rows2, probes2, dots, norms1, norms2
         return self._sides
 
     def _check_batch(self, name: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, again: bool) -> None:
@@ -270,22 +276,22 @@ def _identity_terms(
     ``(m1, m2, c)``: :math:`u_a^\\top \\hat\\Theta v_b`, :math:`\\langle J_1^\\top u_a, J_2^\\top v_b\\rangle`, the
     Cauchy–Schwarz scale, :math:`\\|u_a\\| \\|v_b\\|` and the kernel's rms. ``block`` is ``(r1, r2, k, k)`` in
     full mode, ``(r1, r2, k)`` diagonal (one identity per output), ``(r1, r2)`` trace (the outputs' identities
-    summed, one probe per input)."""
+    summed, one probe per input); ``dots`` and the norms as :meth:`Verifier.sides` gives them."""
     if block.ndim == 4:
         lhs = torch.einsum("aio,ijop,bjp->ab", probes1, block, probes2)[..., None]
-        rhs = dots.sum(dim=(1, 3))[..., None]
+        rhs = dots
         grad_scale = (norms1.pow(2).sum(1).sqrt()[:, None] * norms2.pow(2).sum(1).sqrt()[None, :])[..., None]
         probe_scale = (probes1.norm(dim=(1, 2))[:, None] * probes2.norm(dim=(1, 2))[None, :])[..., None]
         return lhs, rhs, grad_scale, probe_scale, block.pow(2).mean().sqrt()
     if block.ndim == 3:
         lhs = torch.einsum("aio,ijo,bjo->abo", probes1, block, probes2)
-        rhs = torch.diagonal(dots, dim1=1, dim2=3)
+        rhs = dots
         grad_scale = norms1[:, None] * norms2[None, :]
         probe_scale = probes1.norm(dim=1)[:, None] * probes2.norm(dim=1)[None, :]
         return lhs, rhs, grad_scale, probe_scale, block.pow(2).mean(dim=(0, 1)).sqrt()
     u, v = probes1[:, :, 0], probes2[:, :, 0]
     lhs = (u @ block @ v.T)[..., None]
-    rhs = torch.diagonal(dots, dim1=1, dim2=3).sum(-1)[..., None]
+    rhs = dots.sum(-1, keepdim=True)
     grad_scale = (norms1[:, None] * norms2[None, :]).sum(-1)[..., None]
     probe_scale = (u.norm(dim=1)[:, None] * v.norm(dim=1)[None, :])[..., None]
     return lhs, rhs, grad_scale, probe_scale, block.pow(2).mean().sqrt()
