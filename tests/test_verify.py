@@ -4,6 +4,7 @@ and a bounded number of forward passes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -712,3 +713,49 @@ def test_reentrant_checkpoint_gets_the_right_kernel_or_a_clear_error(method: str
         assert "method" in str(err), err
         return
     assert rel(kernel, oracle(model, _x())) < 1e-10
+
+
+class SquareRootTrap(nn.Module):
+    """``torch.where(h > -5, (h + 5).sqrt(), h)``: where a pre-activation is below -5 the unused branch's
+    gradient is NaN * 0 = NaN. Inputs of size about 1 stay above -5; input 5, set to 100, does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(3, 8, bias=False)
+        self.readout = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        return self.readout(torch.where(h > -5, (h + 5).sqrt(), h))
+
+
+@pytest.mark.parametrize("n", [6, 40])
+def test_gradients_that_are_not_finite_get_a_clear_error(n: int) -> None:
+    """Only input 5's gradient is NaN; with 40 inputs it may be left out of the probed rows, and the
+    kernel's own NaN entries are then what is caught."""
+    model = _seeded(SquareRootTrap)()
+    x = _x(n)
+    x[5] = 100.0
+    assert float(model.hidden(x[5]).min()) < -5 < float(model.hidden(x[torch.arange(n) != 5]).min())
+    for method in ("auto", "structured", "jacobian", "loop"):
+        with pytest.warns(RuntimeWarning) if method == "auto" and n == 40 else contextlib.nullcontext():
+            with pytest.raises(ValueError, match="NaN or infinite") as err:
+                empirical_ntk(model, x, method=method)
+        assert "mix" not in str(err.value), "a NaN must not be blamed on mixing across the batch"
+
+
+def test_a_kernel_with_a_nan_entry_fails_the_check_by_name() -> None:
+    model, x = mlp(3, 4, 1, generator=gen(0)).double(), _x(20)
+    request = make_request(model, x, None, "structured", "full", None)
+    kernel = run_method(request, "structured", None)
+    kernel[17, 3] = float("nan")  # a row the probes may not visit
+    with pytest.raises(VerificationError, match=r"1 NaN or infinite entries, the first at inputs \(17, 3\)"):
+        Verifier(request).check(kernel, "structured")
+
+
+def test_a_compiled_part_that_donates_its_buffers_gets_a_clear_error() -> None:
+    model = nn.Sequential(
+        nn.Linear(3, 4), torch.compile(nn.Sequential(nn.Tanh(), nn.Linear(4, 2)), backend="aot_eager")
+    )
+    with pytest.raises(ValueError, match=r"torch.compile'd part .*donated_buffer = False"):
+        empirical_ntk(model.double(), _x())

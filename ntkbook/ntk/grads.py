@@ -72,11 +72,19 @@ def float64_gram(vectors: list[list[torch.Tensor]]) -> torch.Tensor:
 def _autograd_gradients(
     output: torch.Tensor, params: list[torch.Tensor], cotangent: torch.Tensor | None, retain_graph: bool
 ) -> list[torch.Tensor | None]:
-    """``torch.autograd.grad``, or ``backward()`` for a model with reentrant checkpointing."""
+    """``torch.autograd.grad``, or ``backward()`` for a model with reentrant checkpointing; a clear error
+    for a ``torch.compile``'d model whose backward pass cannot run twice on one graph."""
     try:
         # The graph is kept through a failed attempt, so that backward() can still run after it.
         grads = torch.autograd.grad(output, params, cotangent, retain_graph=True, allow_unused=True)
     except RuntimeError as err:
+        if "donated buffers" in str(err):
+            raise ValueError(
+                "the model has a torch.compile'd part whose backward pass can run only once per forward pass (it "
+                "donates its saved buffers), while an NTK takes several backward passes of one forward pass: set "
+                "torch._functorch.config.donated_buffer = False before the compiled part first runs, or pass the "
+                "uncompiled module (compiled._orig_mod)"
+            ) from None
         if "checkpoint" not in str(err):
             raise
         saved = [p.grad for p in params]

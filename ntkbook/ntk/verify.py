@@ -21,7 +21,9 @@ both sides, every pair :math:`(w_a, w_b)` (:math:`a = b` included) a check, from
 Up to ``ALL_ROWS`` inputs per side every row is probed; a larger batch is probed on
 ``max(ALL_ROWS, ceil(n / ROW_FRACTION))`` rows drawn at random, always with the first and the last. In
 trace and diagonal modes the identity holds per output, with cotangents :math:`u \\otimes e_a`, so each
-probe costs ``k`` backward passes.
+probe costs ``k`` backward passes. A kernel with a NaN or infinite entry anywhere fails by name, and
+probe gradients that are not finite stop the call before any method runs: where the model's gradient
+is not finite, its NTK is not defined.
 
 **Tolerance.** A check fails when :math:`|u^\\top \\hat\\Theta v - \\langle J_1^\\top u, J_2^\\top v\\rangle| > \\tau`,
 
@@ -100,6 +102,13 @@ ROW_FRACTION = 16
 TOLERANCE_FACTOR = 2.0
 # The check computes in float64, so for a float64 model its own rounding adds to the model's.
 TOLERANCE_FACTORS = {torch.float64: 8.0}
+
+
+# Where a model's gradient is not finite, so is its NTK.
+NOT_FINITE = (
+    "where the model's gradient is NaN or infinite the NTK is not defined (a square root or logarithm at 0, or "
+    "torch.where(h > 0, h.sqrt(), h), whose unused branch still sends NaN * 0 back)"
+)
 
 
 class VerificationError(ValueError):
@@ -224,6 +233,9 @@ class Verifier:
                 dots[:, :, c] = products[:m1, m1:] if theirs else products
                 norms1[:, c] = norms[:m1]
                 norms2[:, c] = norms[m1:] if theirs else norms
+            for name, norms in (("x1", norms1), ("x2", norms2)):
+                if not bool(torch.isfinite(norms).all()):
+                    raise ValueError(f"the model's gradients on {name} are not finite (NaN or infinite): {NOT_FINITE}")
             self._sides = rows1, probes1, rows2, probes2, dots, norms1, norms2
         return self._sides
 
@@ -251,6 +263,13 @@ class Verifier:
     def check(self, kernel: torch.Tensor, method: str) -> None:
         """Raise :class:`VerificationError` if ``kernel`` fails the identity on any probe pair."""
         rows1, probes1, rows2, probes2, dots, norms1, norms2 = self.sides()
+        finite = torch.isfinite(kernel.detach())
+        if not bool(finite.all()):
+            i, j = (int(t) for t in torch.nonzero(~finite)[0, :2])
+            raise VerificationError(
+                f"method={method!r} gave a kernel with {int((~finite).sum())} NaN or infinite entries, the first at "
+                f"inputs ({i}, {j}) of x1 and x2: {NOT_FINITE}"
+            )
         factor = TOLERANCE_FACTORS.get(self.request.reference.dtype, TOLERANCE_FACTOR)
         rho = factor * self.roundoff * math.sqrt(self.summation_length(max(len(rows1), len(rows2))))
         block = kernel.detach()[rows1.to(kernel.device)][:, rows2.to(kernel.device)].double().cpu()
