@@ -66,9 +66,9 @@ def empirical_ntk(
             verified once, accepting that a kernel wrong for a model that breaks a method's assumptions
             would be returned without a word: for ``"structured"``, a layer applied to ``(L, n, ...)``
             tensors whose length ``L`` equals the batch size ``n`` (a sequence-first
-            ``nn.TransformerEncoderLayer``), which no shape can tell from a batch; for ``"jacobian"`` and
-            ``"implicit"``, an operation whose batching rule in torch is wrong (``torch.cdist`` under
-            ``vmap(jacrev)`` in torch 2.13); for any method, a model that mixes the batch.
+            ``nn.TransformerEncoderLayer``), which no shape can tell from a batch; for the ``torch.func``
+            methods, an operation whose batching rule in torch is wrong (``torch.cdist`` under
+            ``"jacobian"`` in torch 2.13); for any method, a model that mixes the batch.
 
     Returns:
         The kernel in the parameters' dtype and on their device, detached from the graph. The same
