@@ -7,9 +7,9 @@ import torch
 
 from ntkbook.ntk.features import GRAM_CHUNK
 
-# The Gram of gradient vectors streams through blocks of this many entries of each vector: a block of
-# every vector fits in cache, and no copy of a whole gradient is ever allocated.
-GRAM_BLOCK = 16 * GRAM_CHUNK
+# The Gram of gradient vectors streams through blocks of this many entries of each vector (1 MiB in
+# float32): a block of every vector fits in cache, and no copy of a whole gradient is ever allocated.
+GRAM_BLOCK = 64 * GRAM_CHUNK
 
 
 def parameter_gradients(
