@@ -479,3 +479,23 @@ def test_transformer_encoder_layer(norm_first: bool, k: int) -> None:
     assert float((empirical_ntk(model, ids1, mode="full") - in_mode(expected, "full")).abs().max()) < 1e-10 * float(
         expected.abs().max()
     )
+
+
+class WeightReadingInPlace(WeightReading):
+    """Uses the attention weights, then scales them in place: the use is still seen."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, weights = self.attention(x, x, x)
+        used = self.readout(out.mean(1))[:, 0] + weights.pow(2).flatten(1).sum(1)
+        weights.mul_(2.0)
+        return used
+
+
+def test_attention_weights_modified_in_place_after_use_are_still_refused() -> None:
+    from ntkbook.ntk import NotStructuredError
+
+    torch.manual_seed(0)
+    model = WeightReadingInPlace(True).double()
+    x = torch.randn(4, 3, 4, generator=gen(27), dtype=F64)
+    with pytest.raises(NotStructuredError, match="returns a second"):
+        empirical_ntk(model, x, method="structured", verify=False)

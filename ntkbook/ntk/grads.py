@@ -46,15 +46,20 @@ def flat_gradient(
 def float64_gram(vectors: list[list[torch.Tensor]]) -> torch.Tensor:
     """All inner products of ``c`` gradient vectors, each a list of tensors shaped like the parameters:
     ``(c, c)`` in float64 on the CPU. Partial sums over chunks of ``GRAM_CHUNK`` entries in the
-    gradients' dtype, added in float64, so the rounding is that of a kernel entry
-    (``ntkbook.ntk.features``); streamed through blocks of ``GRAM_BLOCK`` entries, so memory beyond
-    the gradients stays ``c * GRAM_BLOCK`` entries, and each gradient is read once."""
+    gradients' dtype (float32 at least, so that half-precision squares cannot overflow), added in
+    float64, so the rounding is that of a kernel entry (``ntkbook.ntk.features``). Streamed through
+    blocks of ``GRAM_BLOCK`` entries of each vector, so memory beyond the gradients stays about
+    ``c * GRAM_BLOCK`` entries and each gradient is read once; consecutive small tensors of one dtype
+    are joined first, so that a model of many small tensors costs a few operations per block, not per
+    tensor."""
     c = len(vectors)
-    first = vectors[0][0]
-    total = torch.zeros(c, c, dtype=torch.float64, device=first.device)
-    buffer = first.new_empty(c * GRAM_BLOCK)
-    for tensors in zip(*vectors):
-        flats = [t.reshape(-1) for t in tensors]
+    total = torch.zeros(c, c, dtype=torch.float64, device=vectors[0][0].device)
+    for piece in _pieces(vectors[0]):
+        flats = [
+            torch.cat([v[i].reshape(-1) for i in piece]) if len(piece) > 1 else v[piece[0]].reshape(-1) for v in vectors
+        ]
+        dtype = torch.promote_types(flats[0].dtype, torch.float32)
+        buffer = torch.empty(c * min(GRAM_BLOCK, flats[0].numel()), dtype=dtype, device=flats[0].device)
         size = flats[0].numel()
         for start in range(0, size, GRAM_BLOCK):
             stop = min(start + GRAM_BLOCK, size)
@@ -67,6 +72,24 @@ def float64_gram(vectors: list[list[torch.Tensor]]) -> torch.Tensor:
                 tail = block[:, whole:]
                 total += (tail @ tail.T).double()
     return total.cpu()
+
+
+def _pieces(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` in pieces: a tensor of a block or more alone, consecutive smaller ones of
+    one dtype together up to a block."""
+    pieces: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for i, t in enumerate(tensors):
+        if t.numel() >= GRAM_BLOCK:
+            pieces.append([i])
+            continue
+        if current and (filled + t.numel() > GRAM_BLOCK or tensors[current[0]].dtype != t.dtype):
+            pieces.append(current)
+            current, filled = [], 0
+        current.append(i)
+        filled += t.numel()
+    return pieces + [current] if current else pieces
 
 
 def _autograd_gradients(

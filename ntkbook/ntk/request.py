@@ -59,6 +59,9 @@ def trainable_parameters(model: object, consequence: str = "its NTK is not defin
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"model has no parameters with requires_grad=True, so {consequence}")
+    for name, p in model.named_parameters():
+        if p.requires_grad and not p.is_floating_point():
+            raise TypeError(f"parameter {name!r} has dtype {p.dtype}; ntkbook handles real floating parameters only")
     return params
 
 

@@ -49,7 +49,8 @@ def _check_one_row_per_input(label: str, tensors: tuple, n: int) -> None:
 
 
 # A layer's positional tensor inputs, its output, its keyword arguments (layers with a recorder of their
-# own, else None) and the other tensors it returned, which its rule does not differentiate.
+# own, else None) and the autograd nodes of the other tensors it returned, which its rule does not
+# differentiate (taken when the layer returns, before the model can modify those tensors in place).
 Recorded = tuple[tuple, torch.Tensor, "dict | None", tuple]
 
 
@@ -96,7 +97,7 @@ def record_layers(
                 "inputs and one tensor output per layer"
             )
         _check_one_row_per_input(label, (*args, z), x.shape[0])
-        captured[module] = (args, z, kwargs, others)
+        captured[module] = (args, z, kwargs, tuple(t.grad_fn for t in others if t.grad_fn is not None))
         versions[module] = [t._version for t in (*args, z)]
         if recorder is not None:
             return rebuild(z.clone() if copy else z)
@@ -160,7 +161,7 @@ def check_other_outputs(out: torch.Tensor, captured: dict[nn.Module, Recorded], 
     """A tensor a layer returns besides its output (attention's weights with ``need_weights=True``) must
     not reach ``out``: its rule differentiates the layer's output only. Refused by name where the
     graph of ``out`` reaches one (a graph walk, no gradient computed)."""
-    others = {t.grad_fn: module for module, (_, _, _, ts) in captured.items() for t in ts if t.grad_fn is not None}
+    others = {node: module for module, (_, _, _, nodes) in captured.items() for node in nodes}
     if not others or out.grad_fn is None:
         return
     seen, todo = set(), [out.grad_fn]
