@@ -42,7 +42,8 @@ and CNNs (depths 1 to 3, widths 16 to 2048, every mode, 1 or 3 outputs, ReLU and
 largest discrepancy was 0.14 of :math:`\\epsilon\\sqrt{L}` times the scale in float32 and 1.1 in float64,
 where the check's own float64 arithmetic rounds like the model's; so ``C`` is 2 and 8, margins of 15 and 7
 (measured before ``ELEMENTWISE`` joined :math:`L`, which can only lower them). ``tests/test_verify.py``
-checks 600 more correct float32 kernels and prints the largest ratio (0.11 of the tolerance).
+checks 600 more correct float32 kernels and prints the largest ratio (0.11 of the tolerance on the
+project's machine).
 
 **Guarantee.** Let :math:`E = \\hat\\Theta - \\Theta` on the probed rows and
 :math:`S = \\sqrt{\\operatorname{tr}\\Theta_{11} \\operatorname{tr}\\Theta_{22}}`, the typical size of the
