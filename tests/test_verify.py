@@ -371,12 +371,14 @@ def _mixed_through_the_first_row(out: torch.Tensor) -> torch.Tensor:
     return out + (out[:1] - out[:1].detach())
 
 
+@pytest.mark.parametrize("n", [2, 5, 100])
 @pytest.mark.parametrize("method", METHODS)
-def test_gradients_mixed_through_the_first_row_are_refused_on_a_probed_subset(method: str) -> None:
-    """With 100 inputs a subset is probed, in a random order: its first row is not the batch's first."""
+def test_gradients_mixed_through_the_first_row_are_refused(method: str, n: int) -> None:
+    """The probed rows run in a random order in which the batch's first row never comes first, whether
+    every row is probed (2 and 5 inputs) or a subset (100)."""
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="disagrees with the model's own autograd"):
-        empirical_ntk(Mixing(_mixed_through_the_first_row).double(), _x(100), method=method)
+        empirical_ntk(Mixing(_mixed_through_the_first_row).double(), _x(n), method=method)
 
 
 class _Temperature(nn.Module):

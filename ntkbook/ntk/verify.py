@@ -42,7 +42,7 @@ and CNNs (depths 1 to 3, widths 16 to 2048, every mode, 1 or 3 outputs, ReLU and
 largest discrepancy was 0.14 of :math:`\\epsilon\\sqrt{L}` times the scale in float32 and 1.1 in float64,
 where the check's own float64 arithmetic rounds like the model's; so ``C`` is 2 and 8, margins of 15 and 7
 (measured before ``ELEMENTWISE`` joined :math:`L`, which can only lower them). ``tests/test_verify.py``
-checks 600 more correct float32 kernels and prints the largest ratio (0.11 of the tolerance on the
+checks 600 more correct float32 kernels and prints the largest ratio (0.13 of the tolerance on the
 project's machine).
 
 **Guarantee.** Let :math:`E = \\hat\\Theta - \\Theta` on the probed rows and
@@ -75,13 +75,12 @@ its message says to compute in float64.
 **Batch independence and determinism** are checked on the probed rows first
 (``ntkbook.ntk.independence``). Gradients that mix the batch while the outputs do not (a batch
 statistic added and subtracted detached) are caught by the identity itself: its batch carries one extra,
-unprobed input at its end, so it never differentiates the batch the kernel was computed on. A subset of a
-larger batch runs in a random order, so a statistic of the batch's first row is caught as well (unless
-the first row happens to come first again, with probability one in the number of probed rows). Where
-every row is probed (up to ``ALL_ROWS``) the rows keep their positions, and a statistic that one repeated
-input at the end cannot change (the batch's first or largest output) escapes: moving the rows would
-change how float32 rounds their products, enough to flip a ReLU unit whose pre-activation is within
-rounding of zero, and would refuse correct kernels.
+unprobed input at its end, so it never differentiates the batch the kernel was computed on. The probed
+rows run in a random order in which the batch's first row never comes first, so a statistic of the
+first row is caught as well. (Moving a float32 row within a batch can change how its products round;
+the 600 correct kernels of ``tests/test_verify.py`` stay below half the tolerance all the same.)
+What escapes is a statistic that neither a reordering nor one repeated input changes, such as the
+batch's largest output, where every row holding it is probed: always for up to ``ALL_ROWS`` inputs.
 """
 
 from __future__ import annotations
@@ -176,18 +175,18 @@ class Verifier:
         cotangent), so the batch the identity differentiates is never the one the kernel was computed
         on: for a model within the contract the extra row changes nothing, while a model whose gradients
         mix the batch (a batch statistic detached in the forward pass, which no output shows) then
-        differentiates another batch than the kernel's, and its kernel fails the identity. A subset of a
-        larger batch also runs in a random order, so that its first row is seldom the batch's first (a
-        statistic of the first row escapes the extra input at the end). Where every row is probed they
-        keep their positions: a float32 row moved to another position of a batch of the same size rounds
-        differently, and a ReLU unit within rounding of zero may flip."""
+        differentiates another batch than the kernel's, and its kernel fails the identity. The rows also
+        run in a random order in which the batch's first row never comes first, so a statistic of the
+        first row, which the extra input at the end leaves alone, is caught too."""
         request = self.request
         m, o = cot.shape[:2]
         total: list[list[torch.Tensor]] = []
         outputs = []
-        order = torch.arange(len(rows))
-        if len(rows) < x.shape[0]:
-            order = torch.randperm(len(rows), generator=self.generator)
+        order = torch.randperm(len(rows), generator=self.generator)
+        if len(rows) > 1 and int(order[0]) == 0:
+            # The batch's first row (always probed) never runs first, so a statistic of it is seen.
+            swap = int(torch.randint(1, len(rows), (1,), generator=self.generator))
+            order[[0, swap]] = order[[swap, 0]]
         rows, cot = rows[order], cot[:, :, order]
         extra = rows[:1]
         for start, stop in ranges(len(rows), request.chunk_size):
