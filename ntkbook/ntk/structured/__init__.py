@@ -18,7 +18,7 @@ from ntkbook.ntk.structured import conv as _conv  # noqa: F401
 from ntkbook.ntk.structured import dense as _dense  # noqa: F401
 from ntkbook.ntk.structured import embedding as _embedding  # noqa: F401
 from ntkbook.ntk.structured import norms as _norms  # noqa: F401
-from ntkbook.ntk.structured.record import check_other_outputs, check_parameter_uses, layers, record_layers
+from ntkbook.ntk.structured.record import check_graph, layers, record_layers
 from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature
 
 __all__ = ["NotStructuredError", "layers", "structured_features"]
@@ -57,8 +57,7 @@ def structured_features(model: nn.Module, found: dict[nn.Module, str], name: str
     if not order or not out.requires_grad:
         # No trainable parameter reaches the output: the kernel is zero.
         return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
-    check_parameter_uses(out, captured, found)
-    check_other_outputs(out, captured, found)
+    check_graph(out, captured, found)
     features: Features = {}
     for module, g in zip(order, _output_gradients(out, [captured[m][1] for m in order])):
         args, z, kwargs, _ = captured[module]

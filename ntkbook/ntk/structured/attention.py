@@ -21,7 +21,7 @@ backward passes, :math:`O(n k (L S E + (L + S) E^2))`, then the four pairs (see 
 memory: the projections and their gradients, :math:`O(n k (L + S) E)`, plus each pair's.
 
 The rule differentiates ``attn_output`` only: a model that also uses the returned attention weights
-(``need_weights=True``) is refused by name (``record.check_other_outputs``). A non-batch-first layer is
+(``need_weights=True``) is refused by name (``record.check_graph``). A non-batch-first layer is
 recorded batch-first (its inputs and output transposed as views, so gradients still reach the
 output); the layers around it in ``nn.TransformerEncoderLayer(batch_first=False)`` act on
 ``(L, n, E)``, not on rows, and are refused by the recording's row check.
@@ -83,7 +83,7 @@ class SumOfFeatures(Feature):
 def record_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: object) -> tuple:
     """``(query, key, value)`` batch-first, the other arguments by name, ``attn_output`` batch-first, how
     to give the network its output back (the attention weights untouched), and the weights, which the
-    model must not use (``record.check_other_outputs``)."""
+    model must not use (``record.check_graph``)."""
     named = _SIGNATURE.bind(module, *args, **kwargs).arguments
     tensors = tuple(named.pop(key) for key in ("query", "key", "value"))
     named.pop("self")

@@ -115,9 +115,9 @@ def record_layers(
     return out, captured
 
 
-def _parameter_uses(roots: list, stop: set) -> dict[int, int]:
-    """How many edges of the autograd graph reached from ``roots`` (not entering ``stop``) lead to each
-    leaf tensor, by ``id``."""
+def _walk(roots: list, stop: set) -> tuple[dict[int, int], set]:
+    """The nodes of the autograd graph reached from ``roots`` (not entering ``stop``), and how many of
+    their edges lead to each leaf tensor, by ``id``."""
     uses: dict[int, int] = {}
     seen, todo = set(stop), [r for r in roots if r is not None]
     while todo:
@@ -133,21 +133,31 @@ def _parameter_uses(roots: list, stop: set) -> dict[int, int]:
                 uses[id(leaf)] = uses.get(id(leaf), 0) + 1
             else:
                 todo.append(child)
-    return uses
+    return uses, seen
 
 
-def check_parameter_uses(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]) -> None:
-    """Every use of a trainable parameter in the graph of ``out`` must lie inside its module's recorded
-    call, or the rules would leave it out. A tied weight (``F.linear(h, embedding.weight)``), a layer
-    called through ``layer.forward`` (which runs no hooks) or ``F.conv2d(x, conv.weight)`` beside
-    ``conv(x)`` are refused here by name. (Uses inside a call are counted from its output back to its
-    inputs; where that walk reaches further, it can only count more, never refuse a sound model.)"""
-    total = _parameter_uses([out.grad_fn], set())
+def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]) -> None:
+    """What reaches ``out`` must be what the rules differentiate, checked on one walk of its graph:
+
+    - every use of a trainable parameter lies inside its module's recorded call. A tied weight
+      (``F.linear(h, embedding.weight)``), a layer called through ``layer.forward`` (which runs no hooks)
+      or ``F.conv2d(x, conv.weight)`` beside ``conv(x)`` are refused by name. (Uses inside a call are
+      counted from its output back to its inputs; where that walk reaches further, it can only count
+      more, never refuse a sound model.)
+    - no tensor a layer returns besides its output (attention's weights with ``need_weights=True``)
+      reaches ``out``: its rule differentiates the layer's output only."""
+    total, reached = _walk([out.grad_fn], set())
     for module, name in found.items():
         inside: dict[int, int] = {}
         if module in captured:
-            args, z, _, _ = captured[module]
-            inside = _parameter_uses([z.grad_fn], {a.grad_fn for a in args if a.grad_fn is not None})
+            args, z, _, nodes = captured[module]
+            inside, _ = _walk([z.grad_fn], {a.grad_fn for a in args if a.grad_fn is not None})
+            if any(node in reached for node in nodes):
+                raise NotStructuredError(
+                    f"module {name!r} ({type(module).__name__}) returns a second tensor that the model uses (the "
+                    "attention weights of need_weights=True, say); method='structured' differentiates each "
+                    "layer's output only"
+                )
         for key, p in module.named_parameters(recurse=type(module) in WHOLE):
             if p.requires_grad and total.get(id(p), 0) > inside.get(id(p), 0):
                 raise NotStructuredError(
@@ -155,26 +165,3 @@ def check_parameter_uses(out: torch.Tensor, captured: dict[nn.Module, Recorded],
                     "own call (a tied weight, a layer run through .forward(), or its weight passed to a function "
                     "directly); method='structured' needs each parameter used inside its module's call only"
                 )
-
-
-def check_other_outputs(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]) -> None:
-    """A tensor a layer returns besides its output (attention's weights with ``need_weights=True``) must
-    not reach ``out``: its rule differentiates the layer's output only. Refused by name where the
-    graph of ``out`` reaches one (a graph walk, no gradient computed)."""
-    others = {node: module for module, (_, _, _, nodes) in captured.items() for node in nodes}
-    if not others or out.grad_fn is None:
-        return
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node in others:
-            module = others[node]
-            raise NotStructuredError(
-                f"module {found[module]!r} ({type(module).__name__}) returns a second tensor that the model uses "
-                "(the attention weights of need_weights=True, say); method='structured' differentiates each "
-                "layer's output only"
-            )
-        if node in seen:
-            continue
-        seen.add(node)
-        todo.extend(child for child, _ in node.next_functions if child is not None)
