@@ -56,13 +56,13 @@ def trainable_parameters(model: object, consequence: str = "its NTK is not defin
     what follows (``consequence``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError(f"model has no parameters with requires_grad=True, so {consequence}")
-    for name, p in model.named_parameters():
-        if p.requires_grad and not p.is_floating_point():
+    for name, p in named:
+        if not p.is_floating_point():
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}; ntkbook handles real floating parameters only")
-    return params
+    return [p for _, p in named]
 
 
 def check_batch(name: str, x: object, reference: torch.Tensor) -> torch.Tensor:
