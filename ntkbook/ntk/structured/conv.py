@@ -43,6 +43,7 @@ from torch.nn import functional as F
 
 from ntkbook.convolutional import NTKConv2d
 from ntkbook.ntk.features import Feature, PerInputGradients, gram
+from ntkbook.ntk.structured.dense import plain_forward
 from ntkbook.ntk.structured.rules import register
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, NTKConv2d)
@@ -66,21 +67,9 @@ class Geometry:
     bias: bool
 
 
-def _plain(module: nn.Module) -> bool:
-    """Its ``weight`` and ``bias`` are its own parameters, used as they are: no pruning mask or other hook
-    in between, no ``forward`` replaced on the instance (the verification would catch the others; this
-    spares a wasted attempt)."""
-    own = module._parameters
-    hooked = module._forward_pre_hooks or module._forward_hooks or "forward" in vars(module)
-    global_hooks = (getattr(nn.modules.module, h, None) for h in ("_global_forward_pre_hooks", "_global_forward_hooks"))
-    return (
-        own.get("weight") is module.weight and own.get("bias") is module.bias and not hooked and not any(global_hooks)
-    )
-
-
 def geometry(module: nn.Module) -> Geometry | None:
     """The layer's geometry, or ``None`` where the rule does not know its forward."""
-    if not _plain(module):
+    if not plain_forward(module):
         return None
     trained = (module.weight.requires_grad, module.bias is not None and module.bias.requires_grad)
     if type(module) is NTKConv2d:
