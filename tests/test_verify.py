@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from ntkbook import empirical_ntk, mlp
 from ntkbook.benchmark import build_case
-from ntkbook.ntk import METHODS, MODES, VerificationError
+from ntkbook.ntk import METHODS, MODES, NotStructuredError, VerificationError
 from ntkbook.ntk import verify as verification
 from ntkbook.ntk.auto import run_method
 from ntkbook.ntk.features import contract
@@ -806,3 +806,28 @@ def test_complex_parameters_are_refused_by_name() -> None:
     model.register_parameter("phase", nn.Parameter(torch.ones(2, dtype=torch.complex128)))
     with pytest.raises(TypeError, match="parameter 'phase' has dtype torch.complex128"):
         empirical_ntk(model, _x())
+
+
+class DiscardedLayer(nn.Module):
+    """``lin`` runs and its output is thrown away; ``reuse`` says whether its weight then works elsewhere."""
+
+    def __init__(self, reuse: bool) -> None:
+        super().__init__()
+        self.a, self.lin, self.o = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.reuse = reuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        self.lin(h)
+        if self.reuse:
+            h = F.linear(2 * h, self.lin.weight, self.lin.bias)
+        return self.o(torch.tanh(h))
+
+
+def test_a_discarded_layer_whose_weight_works_elsewhere_is_refused_by_name() -> None:
+    model = _seeded(lambda: DiscardedLayer(True))()
+    with pytest.raises(NotStructuredError, match="parameter 'weight' of module 'lin'"):
+        empirical_ntk(model, _x(), method="structured", verify=False)
+    assert rel(empirical_ntk(model, _x()), oracle(model, _x())) < 1e-10
+    unused = _seeded(lambda: DiscardedLayer(False))()  # its share is zero, and structured knows it
+    assert rel(empirical_ntk(unused, _x(), method="structured", verify=False), oracle(unused, _x())) < 1e-10

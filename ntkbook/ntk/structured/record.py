@@ -139,9 +139,10 @@ def _walk(roots: list, stop: set) -> tuple[dict[int, int], set]:
 def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]) -> None:
     """What reaches ``out`` must be what the rules differentiate, checked on one walk of its graph:
 
-    - every use of a trainable parameter lies inside its module's recorded call. A tied weight
-      (``F.linear(h, embedding.weight)``), a layer called through ``layer.forward`` (which runs no hooks)
-      or ``F.conv2d(x, conv.weight)`` beside ``conv(x)`` are refused by name. (Uses inside a call are
+    - every use of a trainable parameter lies inside its module's recorded call, and that call's output
+      reaches ``out``. A tied weight (``F.linear(h, embedding.weight)``), a layer called through
+      ``layer.forward`` (which runs no hooks), ``F.conv2d(x, conv.weight)`` beside ``conv(x)``, or a
+      layer whose output is discarded while its weight is used elsewhere are refused by name. (Uses inside a call are
       counted from its output back to its inputs; where that walk reaches further, it can only count
       more, never refuse a sound model.)
     - no tensor a layer returns besides its output (attention's weights with ``need_weights=True``)
@@ -151,7 +152,8 @@ def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: d
         inside: dict[int, int] = {}
         if module in captured:
             args, z, _, nodes = captured[module]
-            inside, _ = _walk([z.grad_fn], {a.grad_fn for a in args if a.grad_fn is not None})
+            if z.grad_fn in reached:  # uses inside a call whose output the model discards cover nothing
+                inside, _ = _walk([z.grad_fn], {a.grad_fn for a in args if a.grad_fn is not None})
             if any(node in reached for node in nodes):
                 raise NotStructuredError(
                     f"module {name!r} ({type(module).__name__}) returns a second tensor that the model uses (the "
