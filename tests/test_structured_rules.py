@@ -95,17 +95,19 @@ def test_linear_on_sequences(
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
-def test_linear_on_sequences_sliced(monkeypatch: pytest.MonkeyPatch, chunk: int | None) -> None:
-    """Per-input gradients larger than SLICE_ENTRIES are formed in slices of output rows, and the
-    symmetric kernel's halves take their blocks of one Gram of the whole batch."""
+@pytest.mark.parametrize("entries", [40, 150])  # slices of one row or column, and of several
+def test_linear_on_sequences_sliced(monkeypatch: pytest.MonkeyPatch, chunk: int | None, entries: int) -> None:
+    """Per-input gradients larger than SLICE_ENTRIES are formed in slices along their longer side
+    (output rows or input columns), and the symmetric kernel's halves take their blocks of one Gram of
+    the whole batch."""
     from ntkbook.ntk.structured import sequence
 
-    monkeypatch.setattr(sequence, "SLICE_ENTRIES", 40)
+    monkeypatch.setattr(sequence, "SLICE_ENTRIES", entries)
     calls = []
     sliced = SequenceFactors._sliced_gram
     monkeypatch.setattr(SequenceFactors, "_sliced_gram", lambda *args: calls.append(1) or sliced(*args))
     monkeypatch.setattr("ntkbook.ntk.blocks.HALVING_THRESHOLD", 4)  # the symmetric kernel in halves
-    for d, m in ((4, 7), (7, 4)):  # both layouts of the gradients
+    for d, m in ((4, 7), (7, 4), (9, 2)):  # slices of output rows; of input columns, in both layouts
         torch.manual_seed(0)
         model = SequenceHead(nn.Linear(d, m), m, 2).double()
         x1 = torch.randn(6, 9, d, generator=gen(30), dtype=F64)

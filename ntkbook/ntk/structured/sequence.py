@@ -16,7 +16,8 @@ which two routes compute exactly:
 - **per-input gradients** :math:`J_{ic} = s\\, G_{ic}^\\top A_i` (``m x d`` each) and their Gram:
   :math:`(n_1 + n_2) k S m d` multiply-adds to form them, :math:`n_1 n_2 c\\, m d` for the Gram
   (:math:`c = k^2` in full mode, :math:`k` in trace and diagonal modes); memory :math:`n k m d`, or
-  above ``SLICE_ENTRIES`` (:math:`2^{20}`) entries a slice of output rows at a time, :math:`2^{20}` entries
+  above ``SLICE_ENTRIES`` (:math:`2^{20}`) entries a slice along the longer of the gradients' two sides
+  (output rows or input columns) at a time, :math:`2^{20}` entries
   per side plus the :math:`n_1 n_2 c` block (for the symmetric kernel, one Gram of the whole batch is
   kept and its halves read from it);
 - **token-pair Grams**, the Gram of the output gradients over all position pairs times the Gram of the
@@ -121,17 +122,33 @@ class SequenceFactors(OutputGradientFeature):
             offset += start
         return feature, offset
 
+    def _slice(self, start: int, stop: int, inputs: torch.Tensor, across_outputs: bool) -> torch.Tensor:
+        """Entries ``start:stop`` along the longer side of each per-input gradient :math:`G_{ic}^\\top
+        [s A_i, s_b 1]` (``m x (d + 1)``), in a layout of its own, ``(n, k, (stop - start) * short side)``:
+        output rows when ``across_outputs``, else input columns."""
+        n, k = self.G.shape[:2]
+        if across_outputs:
+            return self._gradient_rows(start, stop, inputs)
+        columns = inputs[:, None, :, start:stop]
+        if stop - start >= self.G.shape[3]:
+            return (self.G.transpose(2, 3) @ columns).reshape(n, k, -1)
+        return (columns.transpose(2, 3) @ self.G).reshape(n, k, -1)
+
     def _sliced_gram(self, other: SequenceFactors, mode: str) -> torch.Tensor:
-        """The Gram of the per-input gradients summed over slices of output rows formed one at a time,
-        so that no more than ``SLICE_ENTRIES`` gradient entries per side exist at once (a large fresh
-        tensor costs a page fault per 4 KiB on first touch, more than the products that fill it)."""
+        """The Gram of the per-input gradients summed over slices formed one at a time, so that no more
+        than ``SLICE_ENTRIES`` gradient entries per side exist at once (a large fresh tensor costs a page
+        fault per 4 KiB on first touch, more than the products that fill it). The slices cut the longer
+        side of the ``m x (d + 1)`` gradients, so that each holds whole rows of the shorter one."""
         _, k, _, m = self.G.shape
         mine, theirs = self._inputs(), other._inputs()
-        step = max(1, SLICE_ENTRIES // (max(self.n, other.n) * k * mine.shape[2]))
+        across_outputs = m >= mine.shape[2]
+        long, short = (m, mine.shape[2]) if across_outputs else (mine.shape[2], m)
+        step = max(1, SLICE_ENTRIES // (max(self.n, other.n) * k * short))
         total = None
-        for start in range(0, m, step):
-            left = self._gradient_rows(start, start + step, mine)
-            right = left if other is self else other._gradient_rows(start, start + step, theirs)
+        for start in range(0, long, step):
+            stop = min(long, start + step)
+            left = self._slice(start, stop, mine, across_outputs)
+            right = left if other is self else other._slice(start, stop, theirs, across_outputs)
             part = gram(left, right, mode)
             total = part if total is None else total.add_(part)
         return total
