@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
@@ -292,6 +295,24 @@ class TiedBehindPassThrough(nn.Module):
         return self.out(self.adapter(torch.tanh(self.inner(x)) @ self.inner.weight))
 
 
+class WeightNormReused(nn.Module):
+    """A weight-normed layer (the old hook-based ``nn.utils.weight_norm``, which computes the weight from
+    its parameters ``weight_g`` and ``weight_v`` at each call) whose computed weight is used again
+    outside the layer, or, with ``reuse=False``, not."""
+
+    def __init__(self, reuse: bool = True) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of parametrizations
+            self.inner = nn.utils.weight_norm(nn.Linear(3, 3))
+        self.out = nn.Linear(3, 1)
+        self.reuse = reuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        return self.out(h + F.linear(x, self.inner.weight) if self.reuse else h)
+
+
 class FlippedBatch(nn.Module):
     """Each output depends on its own input alone, but the hidden layer sees the batch in reverse."""
 
@@ -320,6 +341,7 @@ class FlippedBatch(nn.Module):
         (ForwardBypass, r"parameter 'weight' of module 'out' \(Linear\) is used outside the module's own call"),
         (TiedBehindPassThrough, r"parameter 'weight' of module 'inner' \(Linear\) is used outside"),
         (Tied, r"parameter 'weight' of module 'embed' \(Linear\) is used outside the module's own call"),
+        (WeightNormReused, r"module 'inner' \(Linear\) computes a tensor from its parameters during its call"),
     ],
 )
 def test_structured_names_the_module_it_cannot_handle_and_auto_falls_back(model_class: type, match: str) -> None:
@@ -331,6 +353,16 @@ def test_structured_names_the_module_it_cannot_handle_and_auto_falls_back(model_
     assert not any(m._forward_hooks for m in model.modules()), "hooks must be removed after an error"
     reference = empirical_ntk(model, x, method="loop")
     assert relative_error(empirical_ntk(model, x), reference) < 1e-10
+
+
+def test_structured_takes_a_weight_normed_layer_whose_weight_stays_inside() -> None:
+    """The weight that weight_norm computes at each call is used inside the call alone: structured
+    differentiates weight_g and weight_v through it, exactly, with no verification to fall back on."""
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    model = WeightNormReused(reuse=False).double()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = empirical_ntk(model, x, method="loop")
+    assert relative_error(empirical_ntk(model, x, method="structured", verify=False), reference) < 1e-10
 
 
 @pytest.mark.parametrize(

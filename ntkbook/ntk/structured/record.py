@@ -6,6 +6,8 @@ keyword arguments and returns a tuple), which also keep their keyword arguments.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -115,55 +117,85 @@ def record_layers(
     return out, captured
 
 
-def _walk(roots: list, stop: set) -> tuple[dict[int, int], set]:
-    """The nodes of the autograd graph reached from ``roots`` (not entering ``stop``), and how many of
-    their edges lead to each leaf tensor, by ``id``."""
-    uses: dict[int, int] = {}
-    seen, todo = set(stop), [r for r in roots if r is not None]
+def _walk(roots: list, stop: set) -> tuple[Counter, dict]:
+    """The autograd graph reached from ``roots``, not entering ``stop``: how many edges lead to each node
+    and leaf (a leaf keyed by the ``id`` of its tensor), and the children of each node entered, by the
+    same keys."""
+    uses: Counter = Counter()
+    children: dict = {}
+    todo = [r for r in roots if r is not None]
     while todo:
         node = todo.pop()
-        if node in seen:
+        if node in children or node in stop:
             continue
-        seen.add(node)
+        children[node] = keys = []
         for child, _ in node.next_functions:
             if child is None:
                 continue
             leaf = getattr(child, "variable", None)
-            if leaf is not None:
-                uses[id(leaf)] = uses.get(id(leaf), 0) + 1
-            else:
+            keys.append(child if leaf is None else id(leaf))
+            uses[keys[-1]] += 1
+            if leaf is None:
                 todo.append(child)
-    return uses, seen
+    return uses, children
+
+
+def _computed_from(children: dict, leaves: set[int]) -> set:
+    """The nodes of a walk's graph from which a path of edges leads to one of ``leaves``."""
+    parents: dict = {}
+    for node, keys in children.items():
+        for key in keys:
+            parents.setdefault(key, []).append(node)
+    found: set = set()
+    todo = [parent for leaf in leaves for parent in parents.get(leaf, ())]
+    while todo:
+        node = todo.pop()
+        if node not in found:
+            found.add(node)
+            todo.extend(parents.get(node, ()))
+    return found
 
 
 def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]) -> None:
     """What reaches ``out`` must be what the rules differentiate, checked on one walk of its graph:
 
-    - every use of a trainable parameter lies inside its module's recorded call, and that call's output
-      reaches ``out``. A tied weight (``F.linear(h, embedding.weight)``), a layer called through
-      ``layer.forward`` (which runs no hooks), ``F.conv2d(x, conv.weight)`` beside ``conv(x)``, or a
-      layer whose output is discarded while its weight is used elsewhere are refused by name. (Uses inside a call are
-      counted from its output back to its inputs; where that walk reaches further, it can only count
-      more, never refuse a sound model.)
+    - every use of a trainable parameter, and of a tensor the module computes from its parameters
+      during its call (the weight of ``nn.utils.weight_norm``), lies inside its module's recorded call,
+      and that call's output reaches ``out``. A tied weight (``F.linear(h, embedding.weight)``), a layer
+      called through ``layer.forward`` (which runs no hooks), ``F.conv2d(x, conv.weight)`` beside
+      ``conv(x)``, a weight-normed layer's weight used again outside it, or a layer whose output is
+      discarded while its weight is used elsewhere are refused by name. Uses inside a call are counted
+      from its output back to its inputs; where that walk reaches further (the inputs of a
+      sequence-first attention layer, which its recorder transposes), it can only count more, never
+      refuse a sound model.
     - no tensor a layer returns besides its output (attention's weights with ``need_weights=True``)
       reaches ``out``: its rule differentiates the layer's output only."""
-    total, reached = _walk([out.grad_fn], set())
+    total, graph = _walk([out.grad_fn], set())
     for module, name in found.items():
-        inside: dict[int, int] = {}
+        label = f"module {name!r} ({type(module).__name__})"
+        own = {id(p): key for key, p in module.named_parameters(recurse=type(module) in WHOLE) if p.requires_grad}
+        inside: Counter = Counter()
+        computed: set = set()
         if module in captured:
             args, z, _, nodes = captured[module]
-            if z.grad_fn in reached:  # uses inside a call whose output the model discards cover nothing
-                inside, _ = _walk([z.grad_fn], {a.grad_fn for a in args if a.grad_fn is not None})
-            if any(node in reached for node in nodes):
+            if z.grad_fn in graph:  # uses inside a call whose output the model discards cover nothing
+                inside, call = _walk([z.grad_fn], {a.grad_fn for a in args if a.grad_fn is not None})
+                computed = _computed_from(call, set(own)) - {z.grad_fn}
+            if any(node in graph for node in nodes):
                 raise NotStructuredError(
-                    f"module {name!r} ({type(module).__name__}) returns a second tensor that the model uses (the "
-                    "attention weights of need_weights=True, say); method='structured' differentiates each "
-                    "layer's output only"
+                    f"{label} returns a second tensor that the model uses (the attention weights of "
+                    "need_weights=True, say); method='structured' differentiates each layer's output only"
                 )
-        for key, p in module.named_parameters(recurse=type(module) in WHOLE):
-            if p.requires_grad and total.get(id(p), 0) > inside.get(id(p), 0):
+        for pid, key in own.items():
+            if total[pid] > inside[pid]:
                 raise NotStructuredError(
-                    f"parameter {key!r} of module {name!r} ({type(module).__name__}) is used outside the module's "
-                    "own call (a tied weight, a layer run through .forward(), or its weight passed to a function "
-                    "directly); method='structured' needs each parameter used inside its module's call only"
+                    f"parameter {key!r} of {label} is used outside the module's own call (a tied weight, a layer "
+                    "run through .forward(), or its weight passed to a function directly); method='structured' "
+                    "needs each parameter used inside its module's call only"
                 )
+        if any(total[node] > inside[node] for node in computed):
+            raise NotStructuredError(
+                f"{label} computes a tensor from its parameters during its call that the model also uses outside "
+                "the call (the weight of nn.utils.weight_norm, say); method='structured' needs each parameter "
+                "used inside its module's call only"
+            )
