@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
@@ -494,11 +494,15 @@ def test_different_outputs_per_input_for_x1_and_x2_are_refused_by_every_method()
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 def test_auto_falls_back_to_reverse_mode_where_forward_mode_is_missing() -> None:
-    # weight_norm's fused kernel has no forward-mode derivative, which "implicit" needs.
+    # weight_norm's fused kernel has no forward-mode derivative, which "implicit" needs; applied twice,
+    # the layer is refused by "structured" too.
     torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
-    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 2)).double()
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+    model = nn.Sequential(normed, nn.Tanh(), normed, nn.Tanh(), nn.Linear(4, 2)).double()
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     reference = empirical_ntk(model, x, method="loop")
+    with pytest.raises(NotStructuredError, match="applied more than once"):
+        empirical_ntk(model, x, method="structured")
     assert relative_error(empirical_ntk(model, x), reference) < 1e-10
     with pytest.raises(ValueError, match="(?s)method='implicit' cannot differentiate.*needs reverse mode only"):
         empirical_ntk(model, x, method="implicit")

@@ -501,3 +501,23 @@ def test_attention_weights_modified_in_place_after_use_are_still_refused() -> No
     x = torch.randn(4, 3, 4, generator=gen(27), dtype=F64)
     with pytest.raises(NotStructuredError, match="returns a second"):
         empirical_ntk(model, x, method="structured", verify=False)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm", "orthogonal"])
+def test_parametrized_layers_are_one_layer_with_their_parametrizations(parametrization: str) -> None:
+    """A layer parametrized by ``torch.nn.utils.parametrizations`` owns the parameters its weight is
+    made from (``original0``, ``original1``): the default rule differentiates them through the weight,
+    exactly, and its parametrizations are no layers of their own."""
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    parametrize = getattr(nn.utils.parametrizations, parametrization)
+    model = nn.Sequential(
+        parametrize(nn.Linear(4, 6)), nn.Tanh(), nn.Unflatten(1, (3, 2)), parametrize(nn.Conv1d(3, 2, 2)), nn.Flatten()
+    )
+    model = model.double().eval()  # spectral_norm's power iteration runs in training mode only
+    x1 = torch.randn(5, 4, generator=gen(40), dtype=F64)
+    assert kinds(model, x1) == {"0": PerInputGradients, "3": PerInputGradients}
+    for second in (None, torch.randn(4, 4, generator=gen(41), dtype=F64)):
+        assert_matches_oracle(model, x1, second, None)
+    unverified = empirical_ntk(model, x1, method="structured", verify=False)
+    assert torch.equal(unverified, empirical_ntk(model, x1, method="structured"))

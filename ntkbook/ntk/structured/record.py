@@ -12,25 +12,26 @@ import torch
 from torch import nn
 
 from ntkbook.ntk.request import apply
-from ntkbook.ntk.structured.rules import RECORDERS, WHOLE, NotStructuredError
+from ntkbook.ntk.structured.rules import RECORDERS, NotStructuredError, owns_submodules
 
 
 def layers(model: nn.Module) -> dict[nn.Module, str]:
     """Modules that own trainable parameters directly, in registration order, with their qualified
     names. A parameter registered in two modules (weight tying) is refused here, before any work: the
     verification would catch the missing cross terms, but only after a wasted attempt. A layer whose
-    rule covers its submodules (:data:`~ntkbook.ntk.structured.rules.WHOLE`) owns their parameters."""
+    rule covers its submodules, or a parametrized layer
+    (:func:`~ntkbook.ntk.structured.rules.owns_submodules`), owns their parameters."""
     covered = {
-        sub for module in model.modules() if type(module) in WHOLE for sub in module.modules() if sub is not module
+        sub for module in model.modules() if owns_submodules(module) for sub in module.modules() if sub is not module
     }
     found = {
         module: name or type(model).__name__
         for name, module in model.named_modules()
-        if module not in covered and any(p.requires_grad for p in module.parameters(recurse=type(module) in WHOLE))
+        if module not in covered and any(p.requires_grad for p in module.parameters(recurse=owns_submodules(module)))
     }
     owner: dict[int, str] = {}
     for module, name in found.items():
-        for p in module.parameters(recurse=type(module) in WHOLE):
+        for p in module.parameters(recurse=owns_submodules(module)):
             if p.requires_grad and owner.setdefault(id(p), name) != name:
                 raise NotStructuredError(
                     f"modules {owner[id(p)]!r} and {name!r} share a parameter; method='structured' needs each "
@@ -173,7 +174,7 @@ def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: d
     total, graph = _walk([out.grad_fn], set())
     for module, name in found.items():
         label = f"module {name!r} ({type(module).__name__})"
-        own = {id(p): key for key, p in module.named_parameters(recurse=type(module) in WHOLE) if p.requires_grad}
+        own = {id(p): key for key, p in module.named_parameters(recurse=owns_submodules(module)) if p.requires_grad}
         inside: Counter = Counter()
         computed: set = set()
         if module in captured:

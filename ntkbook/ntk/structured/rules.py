@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.utils import parametrize
 
 from ntkbook.ntk.features import Feature, PerInputGradients
 
@@ -40,6 +41,14 @@ RECORDERS: dict[type, Recorder] = {}
 WHOLE: set[type] = set()
 
 
+def owns_submodules(module: nn.Module) -> bool:
+    """Whether ``module`` counts as one layer with its submodules' parameters: a :data:`WHOLE` layer, or
+    one parametrized by ``torch.nn.utils.parametrize``, whose parameters live in its parametrizations
+    and are turned into its weight during its call (its class is made on the fly, so it gets the
+    default rule)."""
+    return type(module) in WHOLE or parametrize.is_parametrized(module)
+
+
 def register(*classes: type, recorder: Recorder | None = None, whole: bool = False) -> Callable[[LayerRule], LayerRule]:
     """Register a rule for these exact classes (a subclass may change ``forward``, so it gets the default);
     ``recorder`` and ``whole`` as for :data:`RECORDERS` and :data:`WHOLE`."""
@@ -60,7 +69,7 @@ def default_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> 
     """Per-input gradients ``(n, k, p)`` of ``module``'s own trainable parameters, concatenated in
     registration order. One ``vmap`` over all (input, output) pairs: nested ``vmap`` batches some
     backward formulas wrongly (``nn.PReLU``)."""
-    params = {key: p.detach() for key, p in module.named_parameters(recurse=False) if p.requires_grad}
+    params = {key: p.detach() for key, p in module.named_parameters(recurse=owns_submodules(module)) if p.requires_grad}
     n, k = g.shape[:2]
 
     def pair(*row: torch.Tensor) -> dict[str, torch.Tensor]:
