@@ -313,6 +313,71 @@ class WeightNormReused(nn.Module):
         return self.out(h + F.linear(x, self.inner.weight) if self.reuse else h)
 
 
+class HalfKept(nn.Module):
+    """Returns one half of a product with its weight and keeps the other, which the model also uses:
+    both halves are outputs of one autograd node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        returned, self.kept = (x @ self.weight).chunk(2, dim=1)
+        return returned
+
+
+class HalfKeptUsed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = HalfKept()
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inner(x)) * torch.tanh(self.inner.kept))
+
+
+class GivenWeight(nn.Module):
+    """A layer that multiplies by a weight its parent made from the layer's parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+        self.given: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.given.T
+
+
+class WeightGivenBeforeTheCall(nn.Module):
+    """The model computes a layer's weight from the layer's parameter before calling it and hands it over
+    by attribute: the parameter's use lies outside the call, though the call reads its result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = GivenWeight()
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inner.given = self.inner.weight / self.inner.weight.norm()
+        return self.out(torch.tanh(self.inner(x)))
+
+
+class SequenceFirstAttentionTiedUpstream(nn.Module):
+    """A sequence-first attention layer whose output bias is also added to its input: the recorder hands
+    the rule transposed inputs, so the call's nodes are told from the model's by when they were made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lift = nn.Linear(3, 4)
+        self.attention = nn.MultiheadAttention(4, 2)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (self.lift(x.view(x.shape[0], 1, 3)) + self.attention.out_proj.bias).transpose(0, 1)
+        a, _ = self.attention(h, h, h, need_weights=False)
+        return self.out(torch.tanh(a[0]))
+
+
 class FlippedBatch(nn.Module):
     """Each output depends on its own input alone, but the hidden layer sees the batch in reverse."""
 
@@ -342,6 +407,9 @@ class FlippedBatch(nn.Module):
         (TiedBehindPassThrough, r"parameter 'weight' of module 'inner' \(Linear\) is used outside"),
         (Tied, r"parameter 'weight' of module 'embed' \(Linear\) is used outside the module's own call"),
         (WeightNormReused, r"module 'inner' \(Linear\) computes a tensor from its parameters during its call"),
+        (HalfKeptUsed, r"module 'inner' \(HalfKept\) computes a tensor from its parameters during its call"),
+        (WeightGivenBeforeTheCall, r"parameter 'weight' of module 'inner' \(GivenWeight\) is used outside"),
+        (SequenceFirstAttentionTiedUpstream, r"parameter 'out_proj.bias' of module 'attention' \(MultiheadAttention\)"),
     ],
 )
 def test_structured_names_the_module_it_cannot_handle_and_auto_falls_back(model_class: type, match: str) -> None:

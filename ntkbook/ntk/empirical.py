@@ -68,7 +68,8 @@ def empirical_ntk(
             tensors whose length ``L`` equals the batch size ``n`` (a sequence-first
             ``nn.TransformerEncoderLayer``), which no shape can tell from a batch; for the ``torch.func``
             methods, an operation whose batching rule in torch is wrong (``torch.cdist`` under
-            ``"jacobian"`` in torch 2.13); for any method, a model that mixes the batch.
+            ``"jacobian"`` in torch 2.13); for any method, a model that mixes the batch or treats an input
+            by its place in it (a context tensor sliced to the batch's size).
 
     Returns:
         The kernel in the parameters' dtype and on their device, detached from the graph. The same

@@ -53,14 +53,14 @@ def structured_features(model: nn.Module, found: dict[nn.Module, str], name: str
     """Each layer's feature by its rule, keyed by the layer's qualified name."""
     out, captured = record_layers(model, found, name, x)
     n, k = out.shape
-    order = [m for m in found if m in captured and captured[m][1].requires_grad]
+    order = [m for m in found if m in captured and captured[m].z.requires_grad]
     if not order or not out.requires_grad:
         # No trainable parameter reaches the output: the kernel is zero.
         return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
     check_graph(out, captured, found)
     features: Features = {}
-    for module, g in zip(order, _output_gradients(out, [captured[m][1] for m in order])):
-        args, z, kwargs, _ = captured[module]
+    for module, g in zip(order, _output_gradients(out, [captured[m].z for m in order])):
+        args, z, kwargs = captured[module][:3]
         if g is None:
             g = torch.zeros(n, k, *z.shape[1:], dtype=z.dtype, device=z.device)
         args = tuple(t.detach() for t in args)

@@ -7,6 +7,7 @@ keyword arguments and returns a tuple), which also keep their keyword arguments.
 from __future__ import annotations
 
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -51,10 +52,25 @@ def _check_one_row_per_input(label: str, tensors: tuple, n: int) -> None:
             )
 
 
-# A layer's positional tensor inputs, its output, its keyword arguments (layers with a recorder of their
-# own, else None) and the autograd nodes of the other tensors it returned, which its rule does not
-# differentiate (taken when the layer returns, before the model can modify those tensors in place).
-Recorded = tuple[tuple, torch.Tensor, "dict | None", tuple]
+class Recorded(NamedTuple):
+    """What one layer's call left: its positional tensor inputs ``args``, its output ``z``, its keyword
+    arguments (layers with a recorder of their own, else ``None``), the autograd nodes of the other
+    tensors it returned, which its rule does not differentiate (taken when the layer returns, before the
+    model can modify those tensors in place), and the span ``[start, stop)`` of the autograd sequence
+    numbers of the nodes made during the call."""
+
+    args: tuple
+    z: torch.Tensor
+    kwargs: dict | None
+    others: tuple
+    span: tuple[int, int]
+
+
+def _next_sequence_nr() -> int:
+    """The sequence number the next autograd node made on this thread gets: each node takes the next
+    one when it is made (``torch.autograd.graph.Node._sequence_nr``), so a span of them is a span of time."""
+    with torch.enable_grad():
+        return torch.zeros((), requires_grad=True).view(()).grad_fn._sequence_nr() + 1
 
 
 def record_layers(
@@ -68,8 +84,10 @@ def record_layers(
     captured: dict[nn.Module, Recorded] = {}
     versions: dict[nn.Module, list[int]] = {}
     inputs: dict[nn.Module, tuple] = {}
+    starts: dict[nn.Module, int] = {}
 
     def take_inputs(module: nn.Module, args: tuple) -> tuple | None:
+        starts[module] = _next_sequence_nr()
         if copy:
             args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         inputs[module] = args
@@ -100,11 +118,11 @@ def record_layers(
                 "inputs and one tensor output per layer"
             )
         _check_one_row_per_input(label, (*args, z), x.shape[0])
-        captured[module] = (args, z, kwargs, tuple(t.grad_fn for t in others if t.grad_fn is not None))
+        nodes = tuple(t.grad_fn for t in others if t.grad_fn is not None)
         versions[module] = [t._version for t in (*args, z)]
-        if recorder is not None:
-            return rebuild(z.clone() if copy else z)
-        return z.clone() if copy else None
+        given = rebuild(z.clone() if copy else z) if recorder is not None else z.clone() if copy else None
+        captured[module] = Recorded(args, z, kwargs, nodes, (starts[module], _next_sequence_nr()))
+        return given
 
     handles = [module.register_forward_pre_hook(take_inputs, prepend=True) for module in found]
     handles += [module.register_forward_hook(record, with_kwargs=True) for module in found]
@@ -113,28 +131,29 @@ def record_layers(
     finally:
         for handle in handles:
             handle.remove()
-    if not copy and any(versions[m] != [t._version for t in (*a, z)] for m, (a, z, _, _) in captured.items()):
+    if not copy and any(versions[m] != [t._version for t in (*r.args, r.z)] for m, r in captured.items()):
         return record_layers(model, found, name, x, copy=True)
     return out, captured
 
 
-def _walk(roots: list, stop: set) -> tuple[Counter, dict]:
-    """The autograd graph reached from ``roots``, not entering ``stop``: how many edges lead to each node
-    and leaf (a leaf keyed by the ``id`` of its tensor), and the children of each node entered, by the
-    same keys."""
+def _walk(roots: list, span: tuple[int, int] | None = None) -> tuple[Counter, dict]:
+    """The autograd graph reached from ``roots``, entering only nodes made within ``span`` (sequence
+    numbers; every node if ``None``): how many edges lead to each output of a node, keyed
+    ``(node, output number)``, and to each leaf, keyed by the ``id`` of its tensor; and the keys each
+    entered node's edges lead to."""
     uses: Counter = Counter()
     children: dict = {}
     todo = [r for r in roots if r is not None]
     while todo:
         node = todo.pop()
-        if node in children or node in stop:
+        if node in children or (span is not None and not span[0] <= node._sequence_nr() < span[1]):
             continue
         children[node] = keys = []
-        for child, _ in node.next_functions:
+        for child, number in node.next_functions:
             if child is None:
                 continue
             leaf = getattr(child, "variable", None)
-            keys.append(child if leaf is None else id(leaf))
+            keys.append((child, number) if leaf is None else id(leaf))
             uses[keys[-1]] += 1
             if leaf is None:
                 todo.append(child)
@@ -142,11 +161,11 @@ def _walk(roots: list, stop: set) -> tuple[Counter, dict]:
 
 
 def _computed_from(children: dict, leaves: set[int]) -> set:
-    """The nodes of a walk's graph from which a path of edges leads to one of ``leaves``."""
+    """The entered nodes of a walk from which a path of edges leads to one of ``leaves``."""
     parents: dict = {}
     for node, keys in children.items():
         for key in keys:
-            parents.setdefault(key, []).append(node)
+            parents.setdefault(key[0] if isinstance(key, tuple) else key, []).append(node)
     found: set = set()
     todo = [parent for leaf in leaves for parent in parents.get(leaf, ())]
     while todo:
@@ -160,29 +179,35 @@ def _computed_from(children: dict, leaves: set[int]) -> set:
 def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]) -> None:
     """What reaches ``out`` must be what the rules differentiate, checked on one walk of its graph:
 
-    - every use of a trainable parameter, and of a tensor the module computes from its parameters
-      during its call (the weight of ``nn.utils.weight_norm``), lies inside its module's recorded call,
-      and that call's output reaches ``out``. A tied weight (``F.linear(h, embedding.weight)``), a layer
-      called through ``layer.forward`` (which runs no hooks), ``F.conv2d(x, conv.weight)`` beside
-      ``conv(x)``, a weight-normed layer's weight used again outside it, or a layer whose output is
-      discarded while its weight is used elsewhere are refused by name. Uses inside a call are counted
-      from its output back to its inputs; where that walk reaches further (the inputs of a
-      sequence-first attention layer, which its recorder transposes), it can only count more, never
-      refuse a sound model.
+    - every use of a trainable parameter, and of any output of a node made from the module's parameters
+      during its call other than the layer's output (the weight of ``nn.utils.weight_norm``, the other
+      half of a ``chunk``), lies inside the module's recorded call, and that call's output reaches ``out``.
+      A tied weight (``F.linear(h, embedding.weight)``), a layer called through ``layer.forward`` (which
+      runs no hooks), ``F.conv2d(x, conv.weight)`` beside ``conv(x)``, a weight computed from a layer's
+      parameters before its call and read by it, a weight-normed layer's weight used again after it, or
+      a layer whose output is discarded while its weight is used elsewhere are refused by name. The
+      call is the nodes made between its forward pre-hooks and its forward hooks (by their sequence
+      numbers), reached from its output.
     - no tensor a layer returns besides its output (attention's weights with ``need_weights=True``)
       reaches ``out``: its rule differentiates the layer's output only."""
-    total, graph = _walk([out.grad_fn], set())
+    total, graph = _walk([out.grad_fn])
+    outputs: dict = {}  # each node's outputs that edges lead to
+    for key in total:
+        if isinstance(key, tuple):
+            outputs.setdefault(key[0], []).append(key)
     for module, name in found.items():
         label = f"module {name!r} ({type(module).__name__})"
         own = {id(p): key for key, p in module.named_parameters(recurse=owns_submodules(module)) if p.requires_grad}
         inside: Counter = Counter()
         computed: set = set()
+        result = None
         if module in captured:
-            args, z, _, nodes = captured[module]
-            if z.grad_fn in graph:  # uses inside a call whose output the model discards cover nothing
-                inside, call = _walk([z.grad_fn], {a.grad_fn for a in args if a.grad_fn is not None})
-                computed = _computed_from(call, set(own)) - {z.grad_fn}
-            if any(node in graph for node in nodes):
+            record = captured[module]
+            if record.z.grad_fn in graph:  # uses inside a call whose output the model discards cover nothing
+                inside, call = _walk([record.z.grad_fn], record.span)
+                computed = _computed_from(call, set(own))
+                result = (record.z.grad_fn, record.z.output_nr)
+            if any(node in graph for node in record.others):
                 raise NotStructuredError(
                     f"{label} returns a second tensor that the model uses (the attention weights of "
                     "need_weights=True, say); method='structured' differentiates each layer's output only"
@@ -191,10 +216,11 @@ def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: d
             if total[pid] > inside[pid]:
                 raise NotStructuredError(
                     f"parameter {key!r} of {label} is used outside the module's own call (a tied weight, a layer "
-                    "run through .forward(), or its weight passed to a function directly); method='structured' "
-                    "needs each parameter used inside its module's call only"
+                    "run through .forward(), a weight computed from it before the call, or its weight passed to a "
+                    "function directly); method='structured' needs each parameter used inside its module's call only"
                 )
-        if any(total[node] > inside[node] for node in computed):
+        uses = (key for node in computed for key in outputs.get(node, ()) if key != result)
+        if any(total[key] > inside[key] for key in uses):
             raise NotStructuredError(
                 f"{label} computes a tensor from its parameters during its call that the model also uses outside "
                 "the call (the weight of nn.utils.weight_norm, say); method='structured' needs each parameter "
