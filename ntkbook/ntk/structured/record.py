@@ -78,9 +78,10 @@ def record_layers(
 ) -> tuple[torch.Tensor, dict[nn.Module, Recorded]]:
     """Run the model once on ``x``, recording each layer's positional tensor inputs (before its forward
     pre-hooks run), its output (after its forward hooks) and, for a layer with its own recorder, its
-    keyword arguments (else ``None``). ``copy`` hands each layer copies of its inputs and the rest of
-    the network a copy of its output, so that in-place operations elsewhere (``nn.ReLU(inplace=True)``)
-    cannot overwrite what was recorded; it is used when a first run finds a recorded tensor modified."""
+    keyword arguments (else ``None``). ``copy`` keeps copies of each layer's inputs, hands the layer
+    other copies and the rest of the network a copy of its output, so that in-place operations
+    (``nn.ReLU(inplace=True)``, a layer's own ``x.mul_(gamma)``) cannot overwrite what was recorded; it is
+    used when a first run finds a recorded tensor modified."""
     captured: dict[nn.Module, Recorded] = {}
     versions: dict[nn.Module, list[int]] = {}
     inputs: dict[nn.Module, tuple] = {}
@@ -88,10 +89,12 @@ def record_layers(
 
     def take_inputs(module: nn.Module, args: tuple) -> tuple | None:
         starts[module] = _next_sequence_nr()
-        if copy:
-            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        inputs[module] = args
-        return args if copy else None
+        if not copy:
+            inputs[module] = args
+            return None
+        # One copy is kept, another given to the layer, which may modify its input in place (x.mul_(gamma)).
+        inputs[module] = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in inputs[module])
 
     def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         args = inputs[module]

@@ -74,7 +74,13 @@ def default_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> 
 
     def pair(*row: torch.Tensor) -> dict[str, torch.Tensor]:
         *a, gi = row
-        _, pullback = vjp(lambda p: functional_call(module, p, tuple(t.unsqueeze(0) for t in a)).squeeze(0), params)
+
+        def layer(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            # Copies made inside the transform: a layer may modify its input in place (x.mul_(gamma)),
+            # which torch.func forbids on a tensor captured from outside it.
+            return functional_call(module, p, tuple(t.unsqueeze(0).clone() for t in a)).squeeze(0)
+
+        _, pullback = vjp(layer, params)
         return pullback(gi)[0]
 
     rows = (*(t.repeat_interleave(k, 0) for t in args), g.reshape(n * k, *g.shape[2:]))
