@@ -43,7 +43,8 @@ def empirical_ntk(
             :class:`~ntkbook.convolutional.NTKConv2d` weight gradients from unfolded patches or patch
             Grams; rules of their own for ``nn.Embedding`` on token ids, LayerNorm, GroupNorm, eval-mode
             BatchNorm and ``nn.MultiheadAttention``; for any other layer per-input gradients of its own
-            parameters; a layer it cannot handle raises
+            parameters, those of its parametrizations included (``torch.nn.utils.parametrize``); a
+            layer it cannot handle raises
             :class:`NotStructuredError` naming the module), or ``"auto"``: "structured", else whichever
             of "jacobian" and "implicit" is cheaper and fits in memory, and finally "loop" (with a
             warning), each tried kernel verified before it is accepted.
