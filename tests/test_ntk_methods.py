@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -652,3 +653,52 @@ def test_kernels_stay_on_the_gpu_and_agree() -> None:
     for method in FAST:
         kernel = empirical_ntk(model, x, method=method, chunk_size=3)
         assert kernel.device.type == "cuda" and relative_error(kernel, reference) < 1e-10
+
+
+def test_global_forward_pre_hooks_are_not_applied_twice() -> None:
+    """A global pre-hook that doubles every ``nn.Linear`` input has already acted on the input that
+    "structured" records, so a layer it must run again is refused, not run through the hook twice."""
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: tuple(2 * a for a in args) if isinstance(module, nn.Linear) else None
+    )
+    try:
+        reference = empirical_ntk(model, x, method="loop")
+        with pytest.raises(NotStructuredError, match=r"module '0' \(Linear\) needs its per-input gradients taken by"):
+            empirical_ntk(model, x, method="structured", verify=False)
+        assert relative_error(empirical_ntk(model, x), reference) < 1e-10
+    finally:
+        hook.remove()
+
+
+class OnAnotherThread(nn.Module):
+    """Runs its hidden layer on a worker thread, whose autograd sequence numbers are its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with ThreadPoolExecutor(1) as pool:
+            h = pool.submit(self.inner, x).result()
+        return self.out(torch.tanh(h))
+
+
+def test_a_layer_called_on_another_thread_is_refused_by_name() -> None:
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    model = OnAnotherThread().double()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(NotStructuredError, match=r"module 'inner' \(Linear\) is called on another thread"):
+        empirical_ntk(model, x, method="structured", verify=False)
+    assert relative_error(empirical_ntk(model, x), empirical_ntk(model, x, method="loop")) < 1e-10
+
+
+def test_auto_takes_a_model_with_a_scripted_layer() -> None:
+    """A ``torch.jit.script``'ed layer takes no hooks: "structured" says so and "auto" goes on (its cost
+    model, which hooks the leaf modules, leaves the scripted one out)."""
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), torch.jit.script(nn.Linear(6, 6)), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert relative_error(empirical_ntk(model, x), empirical_ntk(model, x, method="loop")) < 1e-10

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from autograd_oracle import in_mode, oracle
 from torch import nn
 
 from ntkbook import empirical_ntk
 from ntkbook.models import NTKLinear
-from ntkbook.ntk import MODES
+from ntkbook.ntk import MODES, NotStructuredError
 from ntkbook.ntk.features import DenseFactors, PerInputGradients
 from ntkbook.ntk.structured import layers, structured_features
 from ntkbook.ntk.structured.attention import SumOfFeatures
@@ -546,18 +547,64 @@ class PositionsAddedInPlace(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("layer", ["scale", "positions"])
-def test_layers_that_modify_their_input_in_place(layer: str) -> None:
-    """The recorded input is a copy the layer never sees, and the default rule copies each input inside
-    the transform: the in-place layer's share is exact with no verification to fall back on (recorded
-    as the layer left it, the scale's kernel was 2e-3 off)."""
+class AddedInPlaceTwice(nn.Module):
+    """Scales its first input in place and adds the second: given one tensor twice, it adds the scaled one."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(0.5 + torch.rand(width, generator=gen(46), dtype=F64))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a.mul_(self.gamma)
+        return a + b
+
+
+class InPlaceNet(nn.Module):
+    """``Linear -> GELU -> layer`` (whose input no other layer records) ``-> Tanh -> Linear``, the
+    layer's result multiplied by the tensor it was given (which an in-place layer changed) if ``reuse``."""
+
+    def __init__(self, layer: str, reuse: bool) -> None:
+        super().__init__()
+        self.reuse = reuse
+        self.lift = nn.Linear(4, 6)
+        self.layer = {
+            "scale": LayerScaleInPlace(6),
+            "positions": PositionsAddedInPlace(1, 6),
+            "twice": AddedInPlaceTwice(6),
+        }[layer]
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.lift(x))
+        z = self.layer(h, h) if isinstance(self.layer, AddedInPlaceTwice) else self.layer(h)
+        return self.out(torch.tanh(z) * h if self.reuse else torch.tanh(z))
+
+
+@pytest.mark.parametrize(("layer", "reuse"), [("scale", True), ("positions", True), ("twice", False)])
+def test_layers_that_modify_their_input_in_place(layer: str, reuse: bool) -> None:
+    """A layer that changes its own input in place is recorded on a second run, from a copy taken
+    before it ran, while the layer itself still changes the network's tensor (the model multiplies by
+    it afterwards); the default rule copies each distinct input inside the transform, where torch.func
+    allows in-place changes. Exact with no verification to fall back on: before, the recorded input was
+    the changed one (2e-3 off), or the network's tensor was left unchanged (0.66 off)."""
     torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
-    inner = LayerScaleInPlace(6) if layer == "scale" else PositionsAddedInPlace(3, 6)
-    model = nn.Sequential(nn.Unflatten(1, (3, 2)), nn.Linear(2, 6), inner, nn.Tanh(), nn.Flatten(), nn.Linear(18, 2))
-    model = model.double()
-    x1 = torch.randn(5, 6, generator=gen(44), dtype=F64)
-    assert kinds(model, x1)["2"] is PerInputGradients
-    for second in (None, torch.randn(4, 6, generator=gen(45), dtype=F64)):
+    model = InPlaceNet(layer, reuse).double()
+    x1 = torch.randn(5, 4, generator=gen(44), dtype=F64)
+    assert kinds(model, x1)["layer"] is PerInputGradients
+    for second in (None, torch.randn(4, 4, generator=gen(45), dtype=F64)):
         assert_matches_oracle(model, x1, second, None)
     unverified = empirical_ntk(model, x1, method="structured", verify=False)
     assert torch.equal(unverified, empirical_ntk(model, x1, method="structured"))
+
+
+def test_an_input_changed_in_place_and_used_after_the_layer_is_refused() -> None:
+    """The layer scales its first input in place and returns the sum of both; the model then uses the
+    scaled input too, a second path from the layer's parameter to the output that the layer's rule,
+    which differentiates its output, would miss."""
+    torch.manual_seed(0)  # nn.Linear draws its initial weights from the global generator
+    model = InPlaceNet("twice", reuse=True).double()
+    x = torch.randn(5, 4, generator=gen(47), dtype=F64)
+    with pytest.raises(NotStructuredError, match=r"module 'layer' \(AddedInPlaceTwice\) computes a tensor"):
+        empirical_ntk(model, x, method="structured", verify=False)
+    reference = oracle(model, x)
+    assert float((empirical_ntk(model, x) - reference).abs().max() / reference.abs().max()) < 1e-10

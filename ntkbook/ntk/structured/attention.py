@@ -43,7 +43,7 @@ from torch.func import functional_call, vjp
 
 from ntkbook.ntk.features import Feature, PerInputGradients
 from ntkbook.ntk.structured.dense import plain_forward
-from ntkbook.ntk.structured.rules import per_input_gradients, register
+from ntkbook.ntk.structured.rules import per_input_gradients, refuse_global_pre_hooks, register
 from ntkbook.ntk.structured.sequence import sequence_factors
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -182,6 +182,7 @@ def per_input_fallback(
     """Per-input gradients ``(n, k, p)`` of all the layer's trainable parameters (``out_proj``'s too),
     the layer called on one input at a time under ``vmap``; a per-input key padding mask or a
     ``(n * heads, L, S)`` attention mask is sliced along with the inputs."""
+    refuse_global_pre_hooks(module, name)
     params = {key: p.detach() for key, p in module.named_parameters() if p.requires_grad}
     n, k = g.shape[:2]
     options = _call_options(kwargs)

@@ -6,6 +6,7 @@ keyword arguments and returns a tuple), which also keep their keyword arguments.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from typing import NamedTuple
 
@@ -78,26 +79,32 @@ def record_layers(
 ) -> tuple[torch.Tensor, dict[nn.Module, Recorded]]:
     """Run the model once on ``x``, recording each layer's positional tensor inputs (before its forward
     pre-hooks run), its output (after its forward hooks) and, for a layer with its own recorder, its
-    keyword arguments (else ``None``). ``copy`` keeps copies of each layer's inputs, hands the layer
-    other copies and the rest of the network a copy of its output, so that in-place operations
-    (``nn.ReLU(inplace=True)``, a layer's own ``x.mul_(gamma)``) cannot overwrite what was recorded; it is
-    used when a first run finds a recorded tensor modified."""
+    keyword arguments (else ``None``). ``copy`` records copies of each layer's inputs and gives the rest
+    of the network a copy of each layer's output, so that in-place operations (``nn.ReLU(inplace=True)``,
+    a layer's own ``x.mul_(gamma)``) cannot overwrite what was recorded; it is used when a first run
+    finds a recorded tensor modified. The layers themselves get the network's tensors, so that an
+    in-place change still reaches every other use of the tensor it changes."""
     captured: dict[nn.Module, Recorded] = {}
     versions: dict[nn.Module, list[int]] = {}
     inputs: dict[nn.Module, tuple] = {}
     starts: dict[nn.Module, int] = {}
+    modified: list[nn.Module] = []  # layers that modified their own input in place (x.mul_(gamma))
+    thread = threading.get_ident()
 
-    def take_inputs(module: nn.Module, args: tuple) -> tuple | None:
+    def take_inputs(module: nn.Module, args: tuple) -> None:
+        if threading.get_ident() != thread:
+            raise NotStructuredError(
+                f"module {found[module]!r} ({type(module).__name__}) is called on another thread than the model; "
+                "method='structured' tells each layer's call by the autograd sequence numbers of one thread"
+            )
         starts[module] = _next_sequence_nr()
-        if not copy:
-            inputs[module] = args
-            return None
-        # One copy is kept, another given to the layer, which may modify its input in place (x.mul_(gamma)).
-        inputs[module] = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in inputs[module])
+        versions[module] = [a._version for a in args if isinstance(a, torch.Tensor)]
+        inputs[module] = _copies(args) if copy else args
 
     def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         args = inputs[module]
+        if versions[module] != [a._version for a in args if isinstance(a, torch.Tensor)]:
+            modified.append(module)
         label = f"module {found[module]!r} ({type(module).__name__})"
         # Each guard below names the module where the rules could not apply at all.
         if module in captured:
@@ -134,9 +141,26 @@ def record_layers(
     finally:
         for handle in handles:
             handle.remove()
-    if not copy and any(versions[m] != [t._version for t in (*r.args, r.z)] for m, r in captured.items()):
+    changed = [m for m, r in captured.items() if versions[m] != [t._version for t in (*r.args, r.z)]]
+    if not copy and (modified or changed):
         return record_layers(model, found, name, x, copy=True)
+    if changed:
+        raise NotStructuredError(
+            f"the output of module {found[changed[0]]!r} ({type(changed[0]).__name__}) is modified in place after "
+            "the layer returns, even when the network is given a copy of it; method='structured' needs each "
+            "layer's output as the layer left it"
+        )
     return out, captured
+
+
+def _copies(args: tuple) -> tuple:
+    """Detached copies of the tensors among ``args``, one per distinct tensor (a layer given one tensor
+    twice, which may rely on the two being one, keeps them one)."""
+    made: dict[int, torch.Tensor] = {}
+    for a in args:
+        if isinstance(a, torch.Tensor) and id(a) not in made:
+            made[id(a)] = a.detach().clone()
+    return tuple(made.get(id(a), a) for a in args)
 
 
 def _walk(roots: list, span: tuple[int, int] | None = None) -> tuple[Counter, dict]:

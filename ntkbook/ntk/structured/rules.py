@@ -65,12 +65,36 @@ def register(*classes: type, recorder: Recorder | None = None, whole: bool = Fal
     return add
 
 
+def refuse_global_pre_hooks(module: nn.Module, name: str) -> None:
+    """A rule that runs the layer again must not run a global forward pre-hook
+    (``register_module_forward_pre_hook``) a second time on an input recorded after it."""
+    if nn.modules.module._global_forward_pre_hooks:
+        raise NotStructuredError(
+            f"module {name!r} ({type(module).__name__}) needs its per-input gradients taken by running it again, "
+            "and global forward pre-hooks are registered (torch.nn.modules.module.register_module_forward_pre_hook): "
+            "its recorded input has been through them already, and running it again would apply them twice"
+        )
+
+
+def _distinct(tensors: tuple) -> tuple[list[torch.Tensor], list[int]]:
+    """The distinct tensors among ``tensors`` (one storage, offset, shape and strides: a layer given one
+    tensor twice may rely on the two being one) and where each of ``tensors`` is among them."""
+    keys: dict[tuple, int] = {}
+    where = [keys.setdefault((t.data_ptr(), t.shape, t.stride(), t.dtype), len(keys)) for t in tensors]
+    distinct = {}
+    for t, i in zip(tensors, where):
+        distinct.setdefault(i, t)
+    return list(distinct.values()), where
+
+
 def default_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> PerInputGradients:
     """Per-input gradients ``(n, k, p)`` of ``module``'s own trainable parameters, concatenated in
     registration order. One ``vmap`` over all (input, output) pairs: nested ``vmap`` batches some
     backward formulas wrongly (``nn.PReLU``)."""
+    refuse_global_pre_hooks(module, name)
     params = {key: p.detach() for key, p in module.named_parameters(recurse=owns_submodules(module)) if p.requires_grad}
     n, k = g.shape[:2]
+    distinct, where = _distinct(args)
 
     def pair(*row: torch.Tensor) -> dict[str, torch.Tensor]:
         *a, gi = row
@@ -78,12 +102,13 @@ def default_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> 
         def layer(p: dict[str, torch.Tensor]) -> torch.Tensor:
             # Copies made inside the transform: a layer may modify its input in place (x.mul_(gamma)),
             # which torch.func forbids on a tensor captured from outside it.
-            return functional_call(module, p, tuple(t.unsqueeze(0).clone() for t in a)).squeeze(0)
+            copies = [t.unsqueeze(0).clone() for t in a]
+            return functional_call(module, p, tuple(copies[i] for i in where)).squeeze(0)
 
         _, pullback = vjp(layer, params)
         return pullback(gi)[0]
 
-    rows = (*(t.repeat_interleave(k, 0) for t in args), g.reshape(n * k, *g.shape[2:]))
+    rows = (*(t.repeat_interleave(k, 0) for t in distinct), g.reshape(n * k, *g.shape[2:]))
     return per_input_gradients(module, name, params, pair, rows, n, k)
 
 
