@@ -136,9 +136,10 @@ def as_rows(name: str, out: object, n: int) -> torch.Tensor:
 
 
 def apply(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """The model's ``(n, k)`` outputs on ``x``, with torch's errors turned into one naming the batch."""
+    """The model's ``(n, k)`` outputs on a copy of ``x`` (a model may change its input in place, and
+    methods run it more than once), with torch's errors turned into one naming the batch."""
     try:
-        out = model(x)
+        out = model(x.clone())
     except (RuntimeError, IndexError, TypeError) as err:
         raise ValueError(f"model cannot be applied to {name} of shape {tuple(x.shape)}: {err}") from None
     return as_rows(name, out, x.shape[0])

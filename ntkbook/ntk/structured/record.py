@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ntkbook.ntk.request import apply
-from ntkbook.ntk.structured.rules import RECORDERS, NotStructuredError, owns_submodules
+from ntkbook.ntk.structured.rules import RECORDERS, NotStructuredError, owns_submodules, same_memory
 
 
 def layers(model: nn.Module) -> dict[nn.Module, str]:
@@ -86,7 +86,9 @@ def record_layers(
     in-place change still reaches every other use of the tensor it changes."""
     captured: dict[nn.Module, Recorded] = {}
     versions: dict[nn.Module, list[int]] = {}
-    inputs: dict[nn.Module, tuple] = {}
+    inputs: dict[nn.Module, tuple] = {}  # what is recorded: the tensors given, or copies of them
+    given: dict[nn.Module, tuple] = {}
+    buffers: dict[nn.Module, list[int]] = {}
     starts: dict[nn.Module, int] = {}
     modified: list[nn.Module] = []  # layers that modified their own input in place (x.mul_(gamma))
     thread = threading.get_ident()
@@ -98,15 +100,18 @@ def record_layers(
                 "method='structured' tells each layer's call by the autograd sequence numbers of one thread"
             )
         starts[module] = _next_sequence_nr()
-        versions[module] = [a._version for a in args if isinstance(a, torch.Tensor)]
+        given[module] = args
+        versions[module] = _versions(args)
+        buffers[module] = _versions(tuple(module.buffers()))
         inputs[module] = _copies(args) if copy else args
 
     def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         args = inputs[module]
-        if versions[module] != [a._version for a in args if isinstance(a, torch.Tensor)]:
-            modified.append(module)
         label = f"module {found[module]!r} ({type(module).__name__})"
         # Each guard below names the module where the rules could not apply at all.
+        if versions[module] != _versions(given[module]):
+            _check_no_partial_aliases(label, given[module])
+            modified.append(module)
         if module in captured:
             raise NotStructuredError(
                 f"{label} is applied more than once per forward pass; method='structured' needs each layer "
@@ -129,10 +134,12 @@ def record_layers(
             )
         _check_one_row_per_input(label, (*args, z), x.shape[0])
         nodes = tuple(t.grad_fn for t in others if t.grad_fn is not None)
-        versions[module] = [t._version for t in (*args, z)]
-        given = rebuild(z.clone() if copy else z) if recorder is not None else z.clone() if copy else None
+        if copy and kwargs:  # a mask may be changed in place after the call
+            kwargs = dict(zip(kwargs, _copies(tuple(kwargs.values()))))
+        versions[module] = _versions((*args, z, *(kwargs or {}).values()))
+        result = rebuild(z.clone() if copy else z) if recorder is not None else z.clone() if copy else None
         captured[module] = Recorded(args, z, kwargs, nodes, (starts[module], _next_sequence_nr()))
-        return given
+        return result
 
     handles = [module.register_forward_pre_hook(take_inputs, prepend=True) for module in found]
     handles += [module.register_forward_hook(record, with_kwargs=True) for module in found]
@@ -141,7 +148,13 @@ def record_layers(
     finally:
         for handle in handles:
             handle.remove()
-    changed = [m for m, r in captured.items() if versions[m] != [t._version for t in (*r.args, r.z)]]
+    for module in captured:
+        if buffers[module] != _versions(tuple(module.buffers())):
+            raise NotStructuredError(
+                f"a buffer of module {found[module]!r} ({type(module).__name__}) is changed in place during the "
+                "forward pass; method='structured' needs each layer's buffers as they were when it ran"
+            )
+    changed = [m for m, r in captured.items() if versions[m] != _versions((*r.args, r.z, *(r.kwargs or {}).values()))]
     if not copy and (modified or changed):
         return record_layers(model, found, name, x, copy=True)
     if changed:
@@ -153,14 +166,32 @@ def record_layers(
     return out, captured
 
 
-def _copies(args: tuple) -> tuple:
-    """Detached copies of the tensors among ``args``, one per distinct tensor (a layer given one tensor
-    twice, which may rely on the two being one, keeps them one)."""
-    made: dict[int, torch.Tensor] = {}
-    for a in args:
-        if isinstance(a, torch.Tensor) and id(a) not in made:
-            made[id(a)] = a.detach().clone()
-    return tuple(made.get(id(a), a) for a in args)
+def _versions(values: tuple) -> list[int]:
+    """The version counters of the tensors among ``values`` (an inference tensor has none: 0)."""
+    return [0 if t.is_inference() else t._version for t in values if isinstance(t, torch.Tensor)]
+
+
+def _copies(values: tuple) -> tuple:
+    """Detached copies of the tensors among ``values``, one per distinct tensor (``rules.same_memory``):
+    a layer given one tensor twice, which may rely on the two being one, keeps them one."""
+    made: dict[tuple, torch.Tensor] = {}
+    for t in values:
+        if isinstance(t, torch.Tensor) and same_memory(t) not in made:
+            made[same_memory(t)] = t.detach().clone()
+    return tuple(made[same_memory(t)] if isinstance(t, torch.Tensor) else t for t in values)
+
+
+def _check_no_partial_aliases(label: str, values: tuple) -> None:
+    """A layer that changes an input in place must not be given two inputs that overlap without being
+    one (``h`` and ``h.unsqueeze(1)``, two overlapping slices): its rule could not rerun it so that the
+    change reaches the other."""
+    tensors = {same_memory(t): t for t in values if isinstance(t, torch.Tensor)}.values()
+    storages = [t.untyped_storage().data_ptr() for t in tensors]
+    if len(set(storages)) < len(storages):
+        raise NotStructuredError(
+            f"{label} changes an input in place and is given inputs that share memory without being one tensor; "
+            "method='structured' cannot rerun it with the change reaching the others"
+        )
 
 
 def _walk(roots: list, span: tuple[int, int] | None = None) -> tuple[Counter, dict]:

@@ -76,11 +76,17 @@ def refuse_global_pre_hooks(module: nn.Module, name: str) -> None:
         )
 
 
+def same_memory(t: torch.Tensor) -> tuple:
+    """What makes two tensors one: their memory, shape, strides, dtype and whether gradients flow
+    through them (``h`` and ``h.view_as(h)``, not ``h`` and ``h.detach()``)."""
+    return t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad
+
+
 def _distinct(tensors: tuple) -> tuple[list[torch.Tensor], list[int]]:
-    """The distinct tensors among ``tensors`` (one storage, offset, shape and strides: a layer given one
-    tensor twice may rely on the two being one) and where each of ``tensors`` is among them."""
+    """The distinct tensors among ``tensors`` (:func:`same_memory`: a layer given one tensor twice may
+    rely on the two being one) and where each of ``tensors`` is among them."""
     keys: dict[tuple, int] = {}
-    where = [keys.setdefault((t.data_ptr(), t.shape, t.stride(), t.dtype), len(keys)) for t in tensors]
+    where = [keys.setdefault(same_memory(t), len(keys)) for t in tensors]
     distinct = {}
     for t, i in zip(tensors, where):
         distinct.setdefault(i, t)
