@@ -69,7 +69,7 @@ class Geometry:
 
 def geometry(module: nn.Module) -> Geometry | None:
     """The layer's geometry, or ``None`` where the rule does not know its forward."""
-    if not plain_forward(module):
+    if not plain_forward(module) or not _consistent(module):
         return None
     trained = (module.weight.requires_grad, module.bias is not None and module.bias.requires_grad)
     if type(module) is NTKConv2d:
@@ -83,6 +83,20 @@ def geometry(module: nn.Module) -> Geometry | None:
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     pads = tuple(module._reversed_padding_repeated_twice) if mode != "constant" else _zero_pads(module)
     return Geometry(pads, mode, module.kernel_size, module.stride, module.dilation, module.groups, 1.0, 1.0, *trained)
+
+
+def _consistent(module: nn.Module) -> bool:
+    """Whether the attributes the geometry is read from agree with the weight, as they do unless changed
+    after the layer was built (``conv.kernel_size = ...``, a weight of another shape): forward reads the
+    weight, the rule the attributes."""
+    spatial = tuple(module.weight.shape[2:])
+    if type(module) is NTKConv2d:
+        return spatial == (module.kernel_size,) * 2
+    sizes = (module.kernel_size, module.stride, module.dilation)
+    padding_fits = module.padding in ("valid", "same") or (
+        isinstance(module.padding, tuple) and len(module.padding) == len(spatial)
+    )
+    return spatial == tuple(module.kernel_size) and padding_fits and all(len(t) == len(spatial) for t in sizes)
 
 
 def _zero_pads(module: nn.Module) -> tuple[int, ...]:

@@ -100,5 +100,6 @@ def embedding_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -
     ids = args[0].reshape(n, -1)
     grads = g.reshape(n, k, ids.shape[1], m)
     if module.padding_idx is not None:
-        grads = grads.masked_fill((ids == module.padding_idx)[:, None, :, None], 0.0)
+        padding = module.padding_idx % module.weight.shape[0]  # F.embedding counts a negative one from the end
+        grads = grads.masked_fill((ids == padding)[:, None, :, None], 0.0)
     return TokenGradients(ids, grads, module.num_embeddings)

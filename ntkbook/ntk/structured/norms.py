@@ -51,8 +51,16 @@ def affine_gradients(
     return PerInputGradients(torch.cat(parts, dim=2))
 
 
-def _plain(module: nn.Module, args: tuple) -> bool:
-    return plain_forward(module) and len(args) == 1 and args[0].is_floating_point()
+def _plain(module: nn.Module, args: tuple, channels: int | None = None) -> bool:
+    """Whether the rule knows the layer's forward; with ``channels``, whether that count, read from the
+    layer (``num_channels``), matches its affine parameters and its input's dimension 1 (they differ
+    only where an attribute or a parameter was replaced after the layer was built)."""
+    if not (plain_forward(module) and len(args) == 1 and args[0].is_floating_point()):
+        return False
+    if channels is None:
+        return True
+    affine = (p for p in (module.weight, module.bias) if p is not None)
+    return args[0].ndim >= 2 and args[0].shape[1] == channels and all(p.shape == (channels,) for p in affine)
 
 
 @register(nn.LayerNorm)
@@ -67,7 +75,7 @@ def layer_norm_rule(module: nn.LayerNorm, name: str, args: tuple, g: torch.Tenso
 @register(nn.GroupNorm)
 def group_norm_rule(module: nn.GroupNorm, name: str, args: tuple, g: torch.Tensor) -> PerInputGradients | None:
     """:math:`\\hat x` = ``group_norm`` of ``(n, C, ...)`` in ``num_groups`` groups of channels."""
-    if not _plain(module, args) or args[0].ndim < 2:
+    if not _plain(module, args, module.num_channels):
         return None
     xhat = F.group_norm(args[0], module.num_groups, None, None, module.eps)
     return affine_gradients(module, xhat, g, module.num_channels, True)
@@ -79,7 +87,7 @@ def batch_norm_rule(
 ) -> PerInputGradients | None:
     """:math:`\\hat x = (x - \\mu_{\\text{running}}) / \\sqrt{\\sigma^2_{\\text{running}} + \\epsilon}` per channel
     (dimension 1), in eval mode only."""
-    if not _plain(module, args) or args[0].ndim < 2 or module.training or module.running_mean is None:
+    if not _plain(module, args, module.num_features) or module.training or module.running_mean is None:
         return None
     xhat = F.batch_norm(args[0], module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
     return affine_gradients(module, xhat, g, module.num_features, True)

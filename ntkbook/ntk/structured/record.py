@@ -242,8 +242,10 @@ def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: d
       half of a ``chunk``), lies inside the module's recorded call, and that call's output reaches ``out``.
       A tied weight (``F.linear(h, embedding.weight)``), a layer called through ``layer.forward`` (which
       runs no hooks), ``F.conv2d(x, conv.weight)`` beside ``conv(x)``, a weight computed from a layer's
-      parameters before its call and read by it, a weight-normed layer's weight used again after it, or
-      a layer whose output is discarded while its weight is used elsewhere are refused by name. The
+      parameters before its call and read by it, a weight-normed layer's weight used again after it, a
+      layer whose output is discarded while its weight is used elsewhere, or a layer whose output is used
+      while a parameter of its is not (a weight replaced through ``torch.func.functional_call``) are
+      refused by name. The
       call is the nodes made between its forward pre-hooks and its forward hooks (by their sequence
       numbers), reached from its output.
     - no tensor a layer returns besides its output (attention's weights with ``need_weights=True``)
@@ -276,6 +278,12 @@ def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: d
                     f"parameter {key!r} of {label} is used outside the module's own call (a tied weight, a layer "
                     "run through .forward(), a weight computed from it before the call, or its weight passed to a "
                     "function directly); method='structured' needs each parameter used inside its module's call only"
+                )
+            if result is not None and not inside[pid]:
+                raise NotStructuredError(
+                    f"parameter {key!r} of {label} is not used by the module's call, whose output the model uses (a "
+                    "weight replaced through torch.func.functional_call, say); method='structured' differentiates "
+                    "each layer by its own parameters"
                 )
         uses = (key for node in computed for key in outputs.get(node, ()) if key != result)
         if any(total[key] > inside[key] for key in uses):
