@@ -19,7 +19,7 @@ from ntkbook.ntk.structured import dense as _dense  # noqa: F401
 from ntkbook.ntk.structured import embedding as _embedding  # noqa: F401
 from ntkbook.ntk.structured import norms as _norms  # noqa: F401
 from ntkbook.ntk.structured.record import check_graph, layers, record_layers
-from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature
+from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature, owns_submodules
 
 __all__ = ["NotStructuredError", "layers", "structured_features"]
 
@@ -57,12 +57,27 @@ def structured_features(model: nn.Module, found: dict[nn.Module, str], name: str
     if not order or not out.requires_grad:
         # No trainable parameter reaches the output: the kernel is zero.
         return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
-    check_graph(out, captured, found)
+    unused = {id(p): p for p in check_graph(out, captured, found)}
+    order = [m for m in order if any(p.requires_grad and id(p) not in unused for p in _own(m))]
+    if not order:
+        return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
     features: Features = {}
-    for module, g in zip(order, _output_gradients(out, [captured[m].z for m in order])):
-        args, z, kwargs = captured[module][:3]
-        if g is None:
-            g = torch.zeros(n, k, *z.shape[1:], dtype=z.dtype, device=z.device)
-        args = tuple(t.detach() for t in args)
-        features[found[module]] = layer_feature(module, found[module], args, g.detach(), kwargs)
+    try:
+        # A parameter the graph never uses has no share of the kernel: its layer's rule leaves it out, as
+        # every rule leaves out a frozen one.
+        for p in unused.values():
+            p.requires_grad_(False)
+        for module, g in zip(order, _output_gradients(out, [captured[m].z for m in order])):
+            args, z, kwargs = captured[module][:3]
+            if g is None:
+                g = torch.zeros(n, k, *z.shape[1:], dtype=z.dtype, device=z.device)
+            args = tuple(t.detach() for t in args)
+            features[found[module]] = layer_feature(module, found[module], args, g.detach(), kwargs)
+    finally:
+        for p in unused.values():
+            p.requires_grad_(True)
     return features
+
+
+def _own(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters(recurse=owns_submodules(module)))

@@ -234,30 +234,37 @@ def _computed_from(children: dict, leaves: set[int]) -> set:
     return found
 
 
-def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]) -> None:
-    """What reaches ``out`` must be what the rules differentiate, checked on one walk of its graph:
+def check_graph(
+    out: torch.Tensor, captured: dict[nn.Module, Recorded], found: dict[nn.Module, str]
+) -> list[nn.Parameter]:
+    """What reaches ``out`` must be what the rules differentiate, checked on one walk of its graph; the
+    trainable parameters of layers whose output reaches ``out`` that the graph never uses (a mask token
+    used only when masks are given, a weight replaced through ``torch.func.functional_call``), whose
+    share of the kernel is zero, are returned for the rules to leave out:
 
     - every use of a trainable parameter, and of any output of a node made from the module's parameters
       during its call other than the layer's output (the weight of ``nn.utils.weight_norm``, the other
       half of a ``chunk``), lies inside the module's recorded call, and that call's output reaches ``out``.
       A tied weight (``F.linear(h, embedding.weight)``), a layer called through ``layer.forward`` (which
       runs no hooks), ``F.conv2d(x, conv.weight)`` beside ``conv(x)``, a weight computed from a layer's
-      parameters before its call and read by it, a weight-normed layer's weight used again after it, a
-      layer whose output is discarded while its weight is used elsewhere, or a layer whose output is used
-      while a parameter of its is not (a weight replaced through ``torch.func.functional_call``) are
-      refused by name. The
+      parameters before its call and read by it, a weight-normed layer's weight used again after it, or
+      a layer whose output is discarded while its weight is used elsewhere are refused by name. The
       call is the nodes made between its forward pre-hooks and its forward hooks (by their sequence
       numbers), reached from its output.
     - no tensor a layer returns besides its output (attention's weights with ``need_weights=True``)
       reaches ``out``: its rule differentiates the layer's output only."""
     total, graph = _walk([out.grad_fn])
+    unused: list[nn.Parameter] = []
+    params: dict[int, nn.Parameter] = {}
     outputs: dict = {}  # each node's outputs that edges lead to
     for key in total:
         if isinstance(key, tuple):
             outputs.setdefault(key[0], []).append(key)
     for module, name in found.items():
         label = f"module {name!r} ({type(module).__name__})"
-        own = {id(p): key for key, p in module.named_parameters(recurse=owns_submodules(module)) if p.requires_grad}
+        named = [(key, p) for key, p in module.named_parameters(recurse=owns_submodules(module)) if p.requires_grad]
+        own = {id(p): key for key, p in named}
+        params.update((id(p), p) for _, p in named)
         inside: Counter = Counter()
         computed: set = set()
         result = None
@@ -280,11 +287,7 @@ def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: d
                     "function directly); method='structured' needs each parameter used inside its module's call only"
                 )
             if result is not None and not inside[pid]:
-                raise NotStructuredError(
-                    f"parameter {key!r} of {label} is not used by the module's call, whose output the model uses (a "
-                    "weight replaced through torch.func.functional_call, say); method='structured' differentiates "
-                    "each layer by its own parameters"
-                )
+                unused.append(params[pid])
         uses = (key for node in computed for key in outputs.get(node, ()) if key != result)
         if any(total[key] > inside[key] for key in uses):
             raise NotStructuredError(
@@ -292,3 +295,4 @@ def check_graph(out: torch.Tensor, captured: dict[nn.Module, Recorded], found: d
                 "the call (the weight of nn.utils.weight_norm, say); method='structured' needs each parameter "
                 "used inside its module's call only"
             )
+    return unused
