@@ -812,3 +812,32 @@ def test_a_parameter_the_call_of_its_layer_does_not_use_has_no_share(model_class
         kernel = empirical_ntk(model, x, second, method="structured", verify=False)
         assert float((kernel - reference).abs().max() / reference.abs().max()) < 1e-10
     assert all(p.requires_grad for p in model.parameters()), "the parameters left out are trainable again"
+
+
+class WeightUsedByOneRank(nn.Module):
+    """Uses its layer's weight for inputs of rank 3 only; for rank 2 it calls the layer through
+    ``functional_call`` with the weight detached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.out = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            h = self.layer(x[:, 0])
+        else:
+            h = torch.func.functional_call(self.layer, {"weight": self.layer.weight.detach()}, (x,))
+        return self.out(torch.tanh(h))
+
+
+def test_batches_that_leave_different_parameters_unused_are_refused() -> None:
+    """x1 leaves the layer's weight unused, x2 does not: their features of the layer would not pair (an
+    AttributeError before), so "structured" says so and "auto" goes on to an exact method."""
+    torch.manual_seed(0)  # nn layers draw their initial weights from the global generator
+    model = WeightUsedByOneRank().double()
+    x1 = torch.randn(5, 4, generator=gen(66), dtype=F64)
+    x2 = torch.randn(3, 1, 4, generator=gen(67), dtype=F64)
+    with pytest.raises(NotStructuredError, match=r"uses different parameters for x2 than for the other inputs"):
+        empirical_ntk(model, x1, x2, method="structured", verify=False)
+    reference = empirical_ntk(model, x1, x2, method="loop")
+    assert float((empirical_ntk(model, x1, x2) - reference).abs().max() / reference.abs().max()) < 1e-10

@@ -23,8 +23,8 @@ def run_method(request: Request, method: str, chunk: int | None) -> torch.Tensor
     """The unverified kernel of one method, in blocks of ``chunk`` inputs per side."""
     x1, x2, mode = request.x1, request.x2, request.mode
     if method == "structured":
-        found = layers(request.model)
-        featurize = lambda name, x: structured_features(request.model, found, name, x)
+        found, left_out = layers(request.model), {}
+        featurize = lambda name, x: structured_features(request.model, found, name, x, left_out)
         return feature_kernel(featurize, x1, x2, chunk, mode, keep_features=True)
     if method == "loop":
         return feature_kernel(lambda name, x: loop_features(request, name, x), x1, x2, chunk, mode, False)

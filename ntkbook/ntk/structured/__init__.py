@@ -49,8 +49,12 @@ def _output_gradients(out: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.T
     return [None if g is None else g.transpose(0, 1) for g in grads]
 
 
-def structured_features(model: nn.Module, found: dict[nn.Module, str], name: str, x: torch.Tensor) -> Features:
-    """Each layer's feature by its rule, keyed by the layer's qualified name."""
+def structured_features(
+    model: nn.Module, found: dict[nn.Module, str], name: str, x: torch.Tensor, left_out: dict | None = None
+) -> Features:
+    """Each layer's feature by its rule, keyed by the layer's qualified name. Parameters that the graph
+    never uses are left out of their layers' features; ``left_out``, shared by the batches of one kernel,
+    holds their names, which must be the same for every batch, or a layer's features would not pair."""
     out, captured = record_layers(model, found, name, x)
     n, k = out.shape
     order = [m for m in found if m in captured and captured[m].z.requires_grad]
@@ -58,6 +62,14 @@ def structured_features(model: nn.Module, found: dict[nn.Module, str], name: str
         # No trainable parameter reaches the output: the kernel is zero.
         return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
     unused = {id(p): p for p in check_graph(out, captured, found)}
+    if left_out is not None:
+        names = sorted(key for key, p in model.named_parameters() if id(p) in unused)
+        if left_out.setdefault("names", names) != names:
+            raise NotStructuredError(
+                f"the model uses different parameters for {name} than for the other inputs (unused: "
+                f"{', '.join(names) or 'none'} against {', '.join(left_out['names']) or 'none'}); method='structured' "
+                "pairs each layer's features across batches that use the same parameters"
+            )
     order = [m for m in order if any(p.requires_grad and id(p) not in unused for p in _own(m))]
     if not order:
         return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
