@@ -19,7 +19,7 @@ from ntkbook.ntk.structured import dense as _dense  # noqa: F401
 from ntkbook.ntk.structured import embedding as _embedding  # noqa: F401
 from ntkbook.ntk.structured import norms as _norms  # noqa: F401
 from ntkbook.ntk.structured.record import check_graph, layers, record_layers
-from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature, owns_submodules
+from ntkbook.ntk.structured.rules import NotStructuredError, layer_feature, own_parameters
 
 __all__ = ["NotStructuredError", "layers", "structured_features"]
 
@@ -58,20 +58,13 @@ def structured_features(
     out, captured = record_layers(model, found, name, x)
     n, k = out.shape
     order = [m for m in found if m in captured and captured[m].z.requires_grad]
+    unused: dict[int, nn.Parameter] = {}
+    if order and out.requires_grad:
+        unused = {id(p): p for p in check_graph(out, captured, found)}
+        _same_for_every_batch(model, unused, name, left_out)
+        order = [m for m in order if any(id(p) not in unused for _, p in own_parameters(m))]
     if not order or not out.requires_grad:
         # No trainable parameter reaches the output: the kernel is zero.
-        return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
-    unused = {id(p): p for p in check_graph(out, captured, found)}
-    if left_out is not None:
-        names = sorted(key for key, p in model.named_parameters() if id(p) in unused)
-        if left_out.setdefault("names", names) != names:
-            raise NotStructuredError(
-                f"the model uses different parameters for {name} than for the other inputs (unused: "
-                f"{', '.join(names) or 'none'} against {', '.join(left_out['names']) or 'none'}); method='structured' "
-                "pairs each layer's features across batches that use the same parameters"
-            )
-    order = [m for m in order if any(p.requires_grad and id(p) not in unused for p in _own(m))]
-    if not order:
         return {"zero": PerInputGradients(out.new_zeros(n, k, 1).detach())}
     features: Features = {}
     try:
@@ -91,5 +84,14 @@ def structured_features(
     return features
 
 
-def _own(module: nn.Module) -> list[nn.Parameter]:
-    return list(module.parameters(recurse=owns_submodules(module)))
+def _same_for_every_batch(model: nn.Module, unused: dict[int, nn.Parameter], name: str, left_out: dict | None) -> None:
+    """The names of the parameters left out must be those of the kernel's other batches (``left_out``)."""
+    if left_out is None:
+        return
+    names = sorted(key for key, p in model.named_parameters() if id(p) in unused)
+    if left_out.setdefault("names", names) != names:
+        raise NotStructuredError(
+            f"the model uses different parameters for {name} than for the other inputs (unused: "
+            f"{', '.join(names) or 'none'} against {', '.join(left_out['names']) or 'none'}); method='structured' "
+            "pairs each layer's features across batches that use the same parameters"
+        )

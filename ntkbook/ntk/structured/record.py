@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from ntkbook.ntk.request import apply
-from ntkbook.ntk.structured.rules import RECORDERS, NotStructuredError, owns_submodules, same_memory
+from ntkbook.ntk.structured.rules import (
+    RECORDERS,
+    NotStructuredError,
+    distinct_tensors,
+    own_parameters,
+    owns_submodules,
+)
 
 
 def layers(model: nn.Module) -> dict[nn.Module, str]:
@@ -29,12 +35,12 @@ def layers(model: nn.Module) -> dict[nn.Module, str]:
     found = {
         module: name or type(model).__name__
         for name, module in model.named_modules()
-        if module not in covered and any(p.requires_grad for p in module.parameters(recurse=owns_submodules(module)))
+        if module not in covered and own_parameters(module)
     }
     owner: dict[int, str] = {}
     for module, name in found.items():
-        for p in module.parameters(recurse=owns_submodules(module)):
-            if p.requires_grad and owner.setdefault(id(p), name) != name:
+        for _, p in own_parameters(module):
+            if owner.setdefault(id(p), name) != name:
                 raise NotStructuredError(
                     f"modules {owner[id(p)]!r} and {name!r} share a parameter; method='structured' needs each "
                     "parameter to belong to one module"
@@ -85,9 +91,9 @@ def record_layers(
     finds a recorded tensor modified. The layers themselves get the network's tensors, so that an
     in-place change still reaches every other use of the tensor it changes."""
     captured: dict[nn.Module, Recorded] = {}
-    versions: dict[nn.Module, list[int]] = {}
+    versions: dict[nn.Module, list[int]] = {}  # of what each layer's record holds, when it was taken
     inputs: dict[nn.Module, tuple] = {}  # what is recorded: the tensors given, or copies of them
-    given: dict[nn.Module, tuple] = {}
+    given: dict[nn.Module, tuple] = {}  # the tensors given, and their versions before the layer ran
     buffers: dict[nn.Module, list[int]] = {}
     starts: dict[nn.Module, int] = {}
     modified: list[nn.Module] = []  # layers that modified their own input in place (x.mul_(gamma))
@@ -100,8 +106,7 @@ def record_layers(
                 "method='structured' tells each layer's call by the autograd sequence numbers of one thread"
             )
         starts[module] = _next_sequence_nr()
-        given[module] = args
-        versions[module] = _versions(args)
+        given[module] = args, _versions(args)
         buffers[module] = _versions(tuple(module.buffers()))
         inputs[module] = _copies(args) if copy else args
 
@@ -109,8 +114,9 @@ def record_layers(
         args = inputs[module]
         label = f"module {found[module]!r} ({type(module).__name__})"
         # Each guard below names the module where the rules could not apply at all.
-        if versions[module] != _versions(given[module]):
-            _check_no_partial_aliases(label, given[module])
+        args_given, before = given[module]
+        if before != _versions(args_given):
+            _check_no_partial_aliases(label, args_given)
             modified.append(module)
         if module in captured:
             raise NotStructuredError(
@@ -172,21 +178,21 @@ def _versions(values: tuple) -> list[int]:
 
 
 def _copies(values: tuple) -> tuple:
-    """Detached copies of the tensors among ``values``, one per distinct tensor (``rules.same_memory``):
-    a layer given one tensor twice, which may rely on the two being one, keeps them one."""
-    made: dict[tuple, torch.Tensor] = {}
-    for t in values:
-        if isinstance(t, torch.Tensor) and same_memory(t) not in made:
-            made[same_memory(t)] = t.detach().clone()
-    return tuple(made[same_memory(t)] if isinstance(t, torch.Tensor) else t for t in values)
+    """Detached copies of the tensors among ``values``, one per distinct tensor
+    (:func:`~ntkbook.ntk.structured.rules.distinct_tensors`): a layer given one tensor twice, which may
+    rely on the two being one, keeps them one."""
+    distinct, where = distinct_tensors(tuple(t for t in values if isinstance(t, torch.Tensor)))
+    copies = [t.detach().clone() for t in distinct]
+    position = iter(where)
+    return tuple(copies[next(position)] if isinstance(t, torch.Tensor) else t for t in values)
 
 
 def _check_no_partial_aliases(label: str, values: tuple) -> None:
     """A layer that changes an input in place must not be given two inputs that overlap without being
     one (``h`` and ``h.unsqueeze(1)``, two overlapping slices): its rule could not rerun it so that the
     change reaches the other."""
-    tensors = {same_memory(t): t for t in values if isinstance(t, torch.Tensor)}.values()
-    storages = [t.untyped_storage().data_ptr() for t in tensors]
+    distinct, _ = distinct_tensors(tuple(t for t in values if isinstance(t, torch.Tensor)))
+    storages = [t.untyped_storage().data_ptr() for t in distinct]
     if len(set(storages)) < len(storages):
         raise NotStructuredError(
             f"{label} changes an input in place and is given inputs that share memory without being one tensor; "
@@ -262,7 +268,7 @@ def check_graph(
             outputs.setdefault(key[0], []).append(key)
     for module, name in found.items():
         label = f"module {name!r} ({type(module).__name__})"
-        named = [(key, p) for key, p in module.named_parameters(recurse=owns_submodules(module)) if p.requires_grad]
+        named = own_parameters(module)
         own = {id(p): key for key, p in named}
         params.update((id(p), p) for _, p in named)
         inside: Counter = Counter()

@@ -49,6 +49,12 @@ def owns_submodules(module: nn.Module) -> bool:
     return type(module) in WHOLE or parametrize.is_parametrized(module)
 
 
+def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters that count as ``module``'s, by name: its own, and its submodules' where
+    :func:`owns_submodules`."""
+    return [(key, p) for key, p in module.named_parameters(recurse=owns_submodules(module)) if p.requires_grad]
+
+
 def register(*classes: type, recorder: Recorder | None = None, whole: bool = False) -> Callable[[LayerRule], LayerRule]:
     """Register a rule for these exact classes (a subclass may change ``forward``, so it gets the default);
     ``recorder`` and ``whole`` as for :data:`RECORDERS` and :data:`WHOLE`."""
@@ -82,7 +88,7 @@ def same_memory(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad
 
 
-def _distinct(tensors: tuple) -> tuple[list[torch.Tensor], list[int]]:
+def distinct_tensors(tensors: tuple) -> tuple[list[torch.Tensor], list[int]]:
     """The distinct tensors among ``tensors`` (:func:`same_memory`: a layer given one tensor twice may
     rely on the two being one) and where each of ``tensors`` is among them."""
     keys: dict[tuple, int] = {}
@@ -98,9 +104,9 @@ def default_rule(module: nn.Module, name: str, args: tuple, g: torch.Tensor) -> 
     registration order. One ``vmap`` over all (input, output) pairs: nested ``vmap`` batches some
     backward formulas wrongly (``nn.PReLU``)."""
     refuse_global_pre_hooks(module, name)
-    params = {key: p.detach() for key, p in module.named_parameters(recurse=owns_submodules(module)) if p.requires_grad}
+    params = {key: p.detach() for key, p in own_parameters(module)}
     n, k = g.shape[:2]
-    distinct, where = _distinct(args)
+    distinct, where = distinct_tensors(args)
 
     def pair(*row: torch.Tensor) -> dict[str, torch.Tensor]:
         *a, gi = row
